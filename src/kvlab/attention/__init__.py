@@ -1,0 +1,13 @@
+"""KV structures: one module per structure behind the `KVStructure` interface, found by `kind`."""
+
+from kvlab.attention import grouped  # noqa: F401  (registers "gqa")
+from kvlab.attention.base import (
+    KVStructure,
+    TensorState,
+    causal_attention,
+    get_variant,
+    register,
+    registered_kinds,
+)
+
+__all__ = ["KVStructure", "TensorState", "causal_attention", "get_variant", "register", "registered_kinds"]

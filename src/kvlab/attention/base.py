@@ -1,0 +1,190 @@
+"""The KV-structure interface, its registry, and the pieces every structure shares.
+
+A KV structure is an attention layer that decides what each token leaves in the cache (its *payload*)
+and how queries read it back. `KVStructure.forward` is the one code path for full-sequence training and
+for cached prefill/decode, so the two cannot drift apart; a layer that borrows another layer's KV
+(CLA/MLKV) gets the owner's payload, or the owner's cache state, and stores nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig
+
+Payload = tuple[torch.Tensor, ...]
+
+_REGISTRY: dict[str, type[KVStructure]] = {}
+
+
+def register(kind: str) -> Callable[[type[KVStructure]], type[KVStructure]]:
+    """Class decorator: make a KV structure available as AttentionConfig(kind=...)."""
+
+    def deco(cls: type[KVStructure]) -> type[KVStructure]:
+        if kind in _REGISTRY:
+            raise ValueError(f"attention kind {kind!r} registered twice")
+        cls.kind = kind
+        _REGISTRY[kind] = cls
+        return cls
+
+    return deco
+
+
+def get_variant(kind: str) -> type[KVStructure]:
+    if kind not in _REGISTRY:
+        raise ConfigError(f"unknown attention kind {kind!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[kind]
+
+
+def registered_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class TensorState:
+    """Preallocated per-layer cache storage written by index (gpt-fast style).
+
+    Holds named tensors whose `time_dim` axis has length max_len; `write` copies new tokens' payload in at
+    a position, `read` returns views of everything up to a position. Nothing else is allocated, so
+    `nbytes()` is exactly what the layer keeps.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], time_dim: int | dict[str, int] = 1):
+        self.tensors = tensors
+        self.time_dims = (
+            {k: time_dim for k in tensors} if isinstance(time_dim, int) else dict(time_dim)
+        )
+
+    def write(self, pos: int, payload: Payload) -> None:
+        for (name, buf), value in zip(self.tensors.items(), payload, strict=True):
+            d = self.time_dims[name]
+            buf.narrow(d, pos, value.shape[d]).copy_(value)
+
+    def read(self, end: int) -> Payload:
+        return tuple(buf.narrow(self.time_dims[name], 0, end) for name, buf in self.tensors.items())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def causal_attention(
+    q: torch.Tensor,  # (B, H, T, D)
+    k: torch.Tensor,  # (B, H_kv, S, D)
+    v: torch.Tensor,  # (B, H_kv, S, Dv)
+    q_start: int,  # absolute position of q[:, :, 0]; keys hold positions 0..S-1
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:  # (B, H, T, Dv)
+    """Causal SDPA where queries may start later than keys (cached prefill/decode).
+
+    Query t (absolute position q_start + t) sees keys 0..q_start + t. KV heads are shared by groups of
+    query heads inside SDPA (`enable_gqa`), never expanded in the cache.
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if q_start == 0 and T == S:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
+        )
+    if T == 1 and q_start == S - 1:  # one decode step sees every held key
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
+    q_pos = torch.arange(q_start, q_start + T, device=q.device)
+    mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # (T, S)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
+    )
+
+
+class KVStructure(nn.Module):
+    """Base class of every attention variant.
+
+    Subclasses implement `project_kv` (the payload the new tokens add), `new_state` (their own cache
+    layout), `attend` (queries over a payload) and `kv_bytes_per_token`; `validate` checks their config.
+    """
+
+    kind: str = ""
+    provides_positions = False  # True: the layer encodes positions itself (RoPE) -> no learned wpe needed
+
+    def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.owns_kv = owns_kv
+        self.n_head = model_cfg.n_head
+        self.n_embd = model_cfg.n_embd
+        self.head_dim = model_cfg.head_dim
+        self.dropout = model_cfg.dropout
+        self.n_layer = model_cfg.n_layer
+
+    # ---- configuration --------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, cfg: AttentionConfig, model_cfg: ModelConfig) -> None:
+        """Raise ConfigError for fields this kind cannot use. Default: nothing extra to check."""
+
+    def reset_parameters(self) -> None:
+        """Re-initialise structure-specific parameters after the model's generic init (default: none)."""
+
+    # ---- the interface --------------------------------------------------------------------------
+    def project_kv(self, x: torch.Tensor, pos: int) -> Payload:
+        raise NotImplementedError
+
+    def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        raise NotImplementedError
+
+    def attend(self, x: torch.Tensor, pos: int, kv: Payload) -> torch.Tensor:
+        """Queries from x (positions pos..pos+T-1) over payload kv holding positions 0..pos+T-1."""
+        raise NotImplementedError
+
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> float:
+        """Bytes one token adds to this layer's cache as the cache grows without bound (0 if borrowing)."""
+        raise NotImplementedError
+
+    def cache_bytes(self, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
+        """Analytic bytes of this layer's state for a cache of max_len tokens (== state.nbytes())."""
+        if not self.owns_kv:
+            return 0
+        return int(batch_size * max_len * self.kv_bytes_per_token(dtype))
+
+    @property
+    def kv_heads(self) -> float:
+        """KV heads for head_sharing_ratio (MLA counts as one)."""
+        return float(self.n_head)
+
+    @property
+    def latent_rank_ratio(self) -> float:
+        return 1.0
+
+    def forward(
+        self, x: torch.Tensor, pos: int = 0, state=None, kv: Payload | None = None
+    ) -> tuple[torch.Tensor, Payload | None]:
+        """x: (B, T, C) at absolute positions pos..pos+T-1.
+
+        Owner, no cache: attend over the payload of x itself. Owner, cache: append the payload to `state`
+        and attend over everything it holds. Borrower: `kv` (no cache) or `state` (cache) is the owner's.
+        Returns (y, payload of x if owner else None) so the model can hand it to borrowers.
+        """
+        new_kv = self.project_kv(x, pos) if self.owns_kv else None
+        if state is None:
+            full = new_kv if self.owns_kv else kv
+            if full is None:
+                raise RuntimeError(f"layer {self.layer_idx} borrows KV but was given none")
+        else:
+            if self.owns_kv:
+                state.write(pos, new_kv)
+            full = state.read(pos + x.shape[1])
+        return self.attend(x, pos, full), new_kv
+
+
+def init_linear_(module: nn.Linear, std: float = 0.02) -> None:
+    nn.init.normal_(module.weight, mean=0.0, std=std)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def residual_std(n_layer: int) -> float:
+    """GPT-2 init for projections into the residual stream: 0.02 / sqrt(2 * n_layer)."""
+    return 0.02 / math.sqrt(2 * n_layer)

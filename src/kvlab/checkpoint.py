@@ -1,0 +1,123 @@
+"""Run directories on disk: model weights (safetensors) + resolved config (JSON), written atomically.
+
+A run directory holds `config.json` (model/attention/train/data config, git commit, versions, hardware)
+and `model.safetensors`; training adds `metrics.jsonl` and its resume state. Every write goes to a
+temporary file first and is renamed into place, so a killed process never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kvlab.config import ConfigError, ModelConfig
+from kvlab.errors import KvlabError
+from kvlab.model import GPT
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(KvlabError):
+    """A run directory that cannot be read; the message names the file and what to do."""
+
+
+def atomic_write(path: str | Path, write_fn) -> None:
+    """Call write_fn(tmp_path) and rename tmp into `path` (same directory, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def environment_info() -> dict[str, Any]:
+    """Git commit, library versions and hardware, recorded next to every run's outputs."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    from kvlab import __version__
+
+    info: dict[str, Any] = {
+        "git_commit": commit,
+        "kvlab": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def save_model(run_dir: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> None:
+    """Write model.safetensors and config.json ({"model": ..., **extra, "environment": ...})."""
+    run_dir = Path(run_dir)
+    # Tied weights: store each tensor once (lm_head.weight is wte.weight) and re-tie on load.
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    atomic_write(run_dir / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    config = {"model": model.config.to_dict(), **(extra or {}), "environment": environment_info()}
+    write_json(run_dir / CONFIG_FILE, config)
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; is {run_dir} a kvlab run directory (made by `kvlab train`)?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the run directory is damaged") from e
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Rebuild the model from config.json and load model.safetensors, checking every tensor's shape."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    try:
+        model_cfg = ModelConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: bad model config ({e})") from e
+    weights = run_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found; the run has not saved weights yet")
+    try:
+        state = load_file(weights, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} is corrupt or truncated ({e}); restore it or retrain") from e
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for k, v in expected.items():
+        if v.shape != state[k].shape:
+            raise CheckpointError(f"{weights}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
+    model.load_state_dict(state, strict=False, assign=True)  # lm_head.weight is re-tied just below
+    model.lm_head.weight = model.wte.weight
+    return model.eval()

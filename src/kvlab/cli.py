@@ -1,0 +1,63 @@
+"""`kvlab` command line: a thin argparse front over the library.
+
+Each subcommand lives next to the code it drives and exposes `register(subparsers)`; this module only
+collects them and turns user errors (`KvlabError`) into one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from kvlab.errors import KvlabError
+
+# subcommand modules, in the order `kvlab --help` lists them
+COMMAND_MODULES = (
+    "kvlab.commands.demo",
+    "kvlab.data.cli",
+    "kvlab.train.cli",
+    "kvlab.eval.cli",
+    "kvlab.commands.generate",
+    "kvlab.bench.cli",
+    "kvlab.plugin.cli",
+    "kvlab.commands.info",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvlab",
+        description="Design, train and evaluate KV-cache-efficient attention in GPT-style models.",
+        epilog="Run `kvlab COMMAND --help` for a command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (name == e.name or name.startswith(e.name + ".")):  # part not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except KvlabError as e:
+        print(f"kvlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Small CLI subcommands that drive the core library directly (generate, info, demo)."""

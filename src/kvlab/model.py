@@ -1,0 +1,161 @@
+"""The GPT model (GPT-2 family): embeddings, pre-LN blocks, final LayerNorm, tied LM head.
+
+It knows nothing about KV structures: each block's attention comes from the registry by `kind`, the
+owner map says which layer's KV each layer reads, and the cache is built from the layers' own states.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from kvlab.attention import KVStructure, get_variant
+from kvlab.attention.base import init_linear_, residual_std
+from kvlab.cache import CacheError, KVCache
+from kvlab.config import ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, owns_kv: bool):
+        super().__init__()
+        layer_cfg = cfg.attention.for_layer(layer_idx)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn: KVStructure = get_variant(layer_cfg.kind)(layer_cfg, cfg, layer_idx, owns_kv)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pos: int, state=None, kv=None):
+        a, new_kv = self.attn(self.ln_1(x), pos=pos, state=state, kv=kv)
+        x = x + self.resid_dropout(a)
+        x = x + self.mlp(self.ln_2(x))
+        return x, new_kv
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.owners = cfg.attention.owners(cfg.n_layer)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i, self.owners[i] == i) for i in range(cfg.n_layer))
+        # Learned positions unless every layer encodes positions itself (seed 000's MLA switches wpe off).
+        self.uses_learned_positions = not all(b.attn.provides_positions for b in self.blocks)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if self.uses_learned_positions else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied (GPT-2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nanoGPT init: N(0, 0.02) everywhere, residual projections N(0, 0.02 / sqrt(2 n_layer))."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init_linear_(module)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=residual_std(self.config.n_layer))
+        for block in self.blocks:
+            block.attn.reset_parameters()
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, vocab). With a cache: appends to it and returns every position."""
+        B, T = idx.shape
+        pos = 0
+        if cache is not None:
+            cache.check_append(B, T)
+            pos = cache.pos
+        if self.wpe is not None and pos + T > self.config.block_size:
+            raise CacheError(
+                f"positions up to {pos + T} exceed block_size={self.config.block_size} (learned positions); "
+                "shorten the input or crop it to the last block_size tokens"
+            )
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+        x = self.drop(x)
+        kvs: dict[int, tuple] = {}  # payload of each owner layer, for its borrowers (no-cache path)
+        for i, block in enumerate(self.blocks):
+            owner = self.owners[i]
+            state = cache.state_for(i) if cache is not None else None
+            x, new_kv = block(x, pos, state=state, kv=None if owner == i else kvs.get(owner))
+            if owner == i and cache is None:
+                kvs[i] = new_kv
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.ln_f(x))
+
+    # ---- the cache ------------------------------------------------------------------------------
+    def _param_dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A preallocated cache holding only the KV-owning layers' reduced state."""
+        max_len = self.config.block_size if max_len is None else max_len
+        if max_len <= 0 or batch_size <= 0:
+            raise CacheError(f"batch_size={batch_size} and max_len={max_len} must be positive")
+        if self.wpe is not None and max_len > self.config.block_size:
+            raise CacheError(
+                f"max_len={max_len} exceeds block_size={self.config.block_size}; learned positions stop there"
+            )
+        dtype = dtype or self._param_dtype()
+        device = torch.device(device) if device is not None else self.wte.weight.device
+        states = [
+            b.attn.new_state(batch_size, max_len, device, dtype) if self.owners[i] == i else None
+            for i, b in enumerate(self.blocks)
+        ]
+        return KVCache(states, self.owners, batch_size, max_len)
+
+    def kv_cache_bytes(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> int:
+        """Analytic bytes of new_cache(batch_size, max_len, dtype); equals cache.nbytes() exactly."""
+        dtype = dtype or self._param_dtype()
+        return sum(b.attn.cache_bytes(batch_size, max_len, dtype) for b in self.blocks)
+
+    def kv_metrics(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+        """Structural KV metrics (design.md): per-token bytes at bf16, sharing ratios, latent ratio."""
+        per_layer = [b.attn.kv_bytes_per_token(dtype) for b in self.blocks]
+        owners = [b.attn for b in self.blocks if b.attn.owns_kv]
+        return {
+            "kv_bytes_per_token": float(sum(per_layer) / len(per_layer)),
+            "kv_bytes_per_token_total": float(sum(per_layer)),
+            "head_sharing_ratio": float(self.config.n_head / (sum(a.kv_heads for a in owners) / len(owners))),
+            "layer_sharing_ratio": float(self.config.n_layer / len(owners)),
+            "latent_rank_ratio": float(sum(a.latent_rank_ratio for a in owners) / len(owners)),
+        }
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Approximate training FLOPs per token (6N + attention, PaLM appendix B), for MFU figures."""
+        T = seq_len or self.config.block_size
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+

@@ -1,0 +1,34 @@
+"""Shared test fixtures: tiny configs and the list of every KV structure the invariants run over."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlab import AttentionConfig, ModelConfig
+
+# Every registered structure and combination. Each entry: id -> AttentionConfig for a tiny model with
+# n_layer=4, n_head=4, n_embd=32 (head_dim 8). Adding a structure means adding it here: the invariant
+# tests (cached == full forward, measured bytes == analytic bytes) then cover it.
+VARIANTS: dict[str, AttentionConfig] = {
+    "mha": AttentionConfig(kind="gqa", n_kv_heads=4),
+    "gqa": AttentionConfig(kind="gqa", n_kv_heads=2),
+    "mqa": AttentionConfig(kind="gqa", n_kv_heads=1),
+    "cla2": AttentionConfig(kind="gqa", kv_share="every:2"),
+    "gqa+cla2": AttentionConfig(kind="gqa", n_kv_heads=2, kv_share="every:2"),
+    "mqa+every2": AttentionConfig(kind="gqa", n_kv_heads=1, kv_share="every:2"),
+    "mlkv-groups3": AttentionConfig(kind="gqa", n_kv_heads=1, kv_share="groups:3"),
+    "mlkv-groups1": AttentionConfig(kind="gqa", n_kv_heads=2, kv_share="groups:1"),
+    "explicit-owners": AttentionConfig(kind="gqa", n_kv_heads=2, kv_share=[0, 0, 2, 0]),
+}
+
+
+def tiny_config(attention: AttentionConfig | str, **overrides) -> ModelConfig:
+    fields = dict(n_layer=4, n_head=4, n_embd=32, block_size=64, vocab_size=97, bias=True, dropout=0.0)
+    fields.update(overrides)
+    return ModelConfig(attention=attention, **fields)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
