@@ -244,3 +244,62 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # so cla2 and mlkv-2 halve the owners. vocab_size is replaced by the data's tokenizer at train time.
     "cpu-tiny": dict(n_layer=4, n_head=8, n_embd=128, block_size=256, vocab_size=8192),
 }
+
+
+@dataclass
+class TrainConfig:
+    """One training run (seed 000's nanoGPT loop). Names follow nanoGPT's train.py."""
+
+    max_iters: int = 5000  # optimizer steps; the LR schedule spans exactly these
+    eval_interval: int = 250  # evaluate + checkpoint every this many steps (and at the last step)
+    eval_iters: int = 200  # val batches per evaluation (seed 000: 200); the same batches every time
+    log_interval: int = 10  # steps between progress-bar updates (each costs a device sync)
+    batch_size: int = 12  # sequences per micro-batch (global, summed over DDP ranks)
+    grad_accum: int = 5  # micro-batches per optimizer step; under DDP split across ranks (must divide)
+    lr: float = 6e-4  # peak learning rate after warmup
+    min_lr: float | None = None  # end of the cosine; None = lr / 10 (seed 000)
+    warmup_frac: float = 0.04  # linear warmup over this fraction of max_iters (seed 000: 4%)
+    weight_decay: float = 0.1  # AdamW decay, applied to parameters with dim >= 2 only
+    beta1: float = 0.9  # AdamW betas (0.9, 0.95): the GPT-3 / nanoGPT choice
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip the global grad norm; 0 disables
+    seed: int = 42  # seeds init, batch sampling, dropout and hooks; saved and restored on resume
+    device: str = "auto"  # auto = cuda if available else cpu (DDP: cuda:LOCAL_RANK)
+    dtype: str = "auto"  # autocast dtype: auto = bfloat16 on GPU, float32 on CPU (bit-exact resume)
+    compile: bool = False  # torch.compile the model (GPU runs; slow to start on CPU)
+    tensorboard: bool = True  # also log to RUN_DIR/tb when tensorboard is installed (JSON lines always)
+
+    def __post_init__(self) -> None:
+        for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"train.{name}={v!r} must be a positive integer")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr} must be positive")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} must be in [0, lr={self.lr}]; or unset it for lr/10")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ConfigError(f"train.warmup_frac={self.warmup_frac} must be in [0, 1)")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"train.dtype={self.dtype!r} unknown; use auto, float32 or bfloat16")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def warmup_iters(self) -> int:
+        return int(round(self.warmup_frac * self.max_iters))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown train field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
