@@ -20,6 +20,9 @@ VARIANTS: dict[str, AttentionConfig] = {
     "mlkv-groups3": AttentionConfig(kind="gqa", n_kv_heads=1, kv_share="groups:3"),
     "mlkv-groups1": AttentionConfig(kind="gqa", n_kv_heads=2, kv_share="groups:1"),
     "explicit-owners": AttentionConfig(kind="gqa", n_kv_heads=2, kv_share=[0, 0, 2, 0]),
+    "mla": AttentionConfig(kind="mla", kv_rank=16, rope_dim=4, q_rank=24),
+    "mla+cla2": AttentionConfig(kind="mla", kv_rank=16, rope_dim=4, q_rank=24, kv_share="every:2"),
+    "mla-no-qrank": AttentionConfig(kind="mla", kv_rank=12, rope_dim=8),
 }
 
 
