@@ -52,10 +52,16 @@ def write_json(path: str | Path, obj: Any) -> None:
 def environment_info() -> dict[str, Any]:
     """Git commit, library versions and hardware, recorded next to every run's outputs."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     from kvlab import __version__
@@ -85,7 +91,9 @@ def save_model(run_dir: str | Path, model: GPT, extra: dict[str, Any] | None = N
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        raise CheckpointError(f"{path} not found; is {run_dir} a kvlab run directory (made by `kvlab train`)?")
+        raise CheckpointError(
+            f"{path} not found; is {run_dir} a kvlab run directory (made by `kvlab train`)?"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -117,7 +125,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
         )
     for k, v in expected.items():
         if v.shape != state[k].shape:
-            raise CheckpointError(f"{weights}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
+            raise CheckpointError(
+                f"{weights}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}"
+            )
     model.load_state_dict(state, strict=False, assign=True)  # lm_head.weight is re-tied just below
     model.lm_head.weight = model.wte.weight
     return model.eval()

@@ -52,7 +52,8 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         self.layers = {
-            int(i): (AttentionConfig.from_dict(c) if isinstance(c, dict) else c) for i, c in self.layers.items()
+            int(i): (AttentionConfig.from_dict(c) if isinstance(c, dict) else c)
+            for i, c in self.layers.items()
         }
         for i, c in self.layers.items():
             if c.layers:
@@ -98,10 +99,13 @@ def parse_kv_share(kv_share: str | list[int], n_layer: int) -> list[int]:
             raise ConfigError(f"kv_share list has {len(owners)} entries; it needs one per layer ({n_layer})")
         for i, o in enumerate(owners):
             if not 0 <= o <= i:
-                raise ConfigError(f"kv_share[{i}]={o}: a layer can only borrow KV from itself or an earlier layer")
+                raise ConfigError(
+                    f"kv_share[{i}]={o}: a layer can only borrow KV from itself or an earlier layer"
+                )
             if owners[o] != o:
                 raise ConfigError(
-                    f"kv_share[{i}]={o} but layer {o} itself borrows from {owners[o]}; point layer {i} at {owners[o]}"
+                    f"kv_share[{i}]={o} but layer {o} itself borrows from {owners[o]}; "
+                    f"point layer {i} at {owners[o]}"
                 )
         return owners
     spec = str(kv_share).strip()
@@ -147,9 +151,7 @@ def attention_preset(name: str, n_layer: int, n_head: int, n_embd: int) -> Atten
         if kind == "matryoshka":
             return AttentionConfig(kind="matryoshka", ranks=k)
         return AttentionConfig(kind="context", interval=k)
-    raise ConfigError(
-        f"unknown attention preset {name!r}; choose one of {', '.join(ATTENTION_PRESET_NAMES)}"
-    )
+    raise ConfigError(f"unknown attention preset {name!r}; choose one of {', '.join(ATTENTION_PRESET_NAMES)}")
 
 
 ATTENTION_PRESET_NAMES = ("mha", "gqa", "mqa", "mla", "cla2", "mlkv-<N>", "matryoshka-<R>", "context-<I>")
@@ -277,7 +279,9 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"train.lr={self.lr} must be positive")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"train.min_lr={self.min_lr} must be in [0, lr={self.lr}]; or unset it for lr/10")
+            raise ConfigError(
+                f"train.min_lr={self.min_lr} must be in [0, lr={self.lr}]; or unset it for lr/10"
+            )
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ConfigError(f"train.warmup_frac={self.warmup_frac} must be in [0, 1)")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -6,7 +6,6 @@ owner map says which layer's KV each layer reads, and the cache is built from th
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -157,5 +156,3 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
-
-

@@ -55,9 +55,7 @@ class TensorState:
 
     def __init__(self, tensors: dict[str, torch.Tensor], time_dim: int | dict[str, int] = 1):
         self.tensors = tensors
-        self.time_dims = (
-            {k: time_dim for k in tensors} if isinstance(time_dim, int) else dict(time_dim)
-        )
+        self.time_dims = {k: time_dim for k in tensors} if isinstance(time_dim, int) else dict(time_dim)
 
     def write(self, pos: int, payload: Payload) -> None:
         for (name, buf), value in zip(self.tensors.items(), payload, strict=True):
@@ -175,7 +173,8 @@ class KVStructure(nn.Module):
         else:
             if self.owns_kv:
                 state.write(pos, new_kv)
-            full = state.read(pos + x.shape[1])
+            # A cache may be stored in a narrower dtype than the compute (e.g. bf16 cache, fp32 model).
+            full = tuple(t.to(x.dtype) for t in state.read(pos + x.shape[1]))
         return self.attend(x, pos, full), new_kv
 
 

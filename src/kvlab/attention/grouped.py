@@ -35,7 +35,9 @@ class GroupedAttention(KVStructure):
             )
         for name in ("kv_rank", "rope_dim", "q_rank", "ranks", "k_ranks", "v_ranks", "interval"):
             if getattr(cfg, name) is not None:
-                raise ConfigError(f"{name} is not used by kind='gqa'; remove it or pick the kind that uses it")
+                raise ConfigError(
+                    f"{name} is not used by kind='gqa'; remove it or pick the kind that uses it"
+                )
 
     def project_kv(self, x: torch.Tensor, pos: int) -> Payload:
         B, T, _ = x.shape

@@ -33,10 +33,15 @@ def run(args: argparse.Namespace) -> int:
     idx = torch.tensor([ids], dtype=torch.long, device=args.device)
     eos = args.eos_id if args.eos_id is not None else getattr(tokenizer, "eot_token", None)
     result = generate(
-        model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        eos_token=eos, seed=args.seed,
+        model,
+        idx,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        eos_token=eos,
+        seed=args.seed,
     )
-    new = result.tokens[0, len(ids):].tolist()
+    new = result.tokens[0, len(ids) :].tolist()
     text = tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new))
     print((args.prompt if tokenizer is not None else "") + text)
     print(

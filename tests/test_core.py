@@ -1,0 +1,218 @@
+"""Core: presets and KV metrics, configuration errors, the cache's guards, checkpoints, generation, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvlab import GPT, AttentionConfig, CacheError, ConfigError, ModelConfig
+from kvlab.checkpoint import CheckpointError, load_model, save_model
+from kvlab.cli import main
+from kvlab.config import parse_kv_share
+from kvlab.generate import generate
+
+from conftest import tiny_config
+
+
+def _meta_model(preset: str, **kw) -> GPT:
+    with torch.device("meta"):
+        return GPT(ModelConfig.preset(preset, **kw))
+
+
+@pytest.mark.parametrize(
+    "attention, per_layer, head_ratio, layer_ratio",
+    [
+        ("mha", 3072, 1, 1),
+        ("gqa", 768, 4, 1),
+        ("mqa", 256, 12, 1),
+        ("cla2", 1536, 1, 2),
+        (AttentionConfig(kind="gqa", n_kv_heads=3, kv_share="every:2"), 384, 4, 2),
+        ("mlkv-6", 256 / 2, 12, 2),
+    ],
+)
+def test_gpt2_124m_kv_metrics(attention, per_layer, head_ratio, layer_ratio):
+    m = _meta_model("gpt2-124m", attention=attention).kv_metrics()
+    assert m["kv_bytes_per_token"] == per_layer
+    assert m["kv_bytes_per_token_total"] == per_layer * 12
+    assert m["head_sharing_ratio"] == head_ratio
+    assert m["layer_sharing_ratio"] == layer_ratio
+    assert m["latent_rank_ratio"] == 1.0
+
+
+def test_gpt2_124m_shape_and_params():
+    model = _meta_model("gpt2-124m", attention="mha")
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (12, 12, 768)
+    assert model.kv_metrics()["kv_bytes_per_token_total"] == 36864
+    # nanoGPT's GPT-2 small with the padded 50304 vocabulary: 123.59M non-embedding-position parameters
+    assert model.num_params() == 123_587_328
+    assert _meta_model("gpt2-345m").config.n_layer == 24
+
+
+def test_preset_overrides_and_json_round_trip():
+    cfg = ModelConfig.preset("cpu-tiny", attention="gqa", n_layer=2, dropout=0.1)
+    assert cfg.n_layer == 2 and cfg.attention.n_kv_heads == cfg.n_head // 4
+    again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    layered = tiny_config(AttentionConfig(kind="gqa", layers={1: AttentionConfig(kind="gqa", n_kv_heads=1)}))
+    assert ModelConfig.from_dict(json.loads(json.dumps(layered.to_dict()))) == layered
+
+
+@pytest.mark.parametrize(
+    "spec, owners",
+    [
+        ("none", [0, 1, 2, 3, 4, 5]),
+        ("every:2", [0, 0, 2, 2, 4, 4]),
+        ("every:3", [0, 0, 0, 3, 3, 3]),
+        ("groups:3", [0, 0, 2, 2, 4, 4]),
+        ("groups:4", [0, 1, 1, 3, 4, 4]),
+        ("groups:1", [0] * 6),
+        ([0, 0, 0, 3, 3, 0], [0, 0, 0, 3, 3, 0]),
+    ],
+)
+def test_kv_share_owner_maps(spec, owners):
+    assert parse_kv_share(spec, 6) == owners
+
+
+def test_mlkv_owner_spacing_matches_seed_002():
+    # 12 layers, 6 owners: layers 0, 2, 4, 6, 8, 10 (MLKV's [0] + [int((i+1) * L / n)])
+    assert sorted(set(parse_kv_share("groups:6", 12))) == [0, 2, 4, 6, 8, 10]
+    assert sorted(set(parse_kv_share("groups:4", 12))) == [0, 3, 6, 9]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: tiny_config(AttentionConfig(n_kv_heads=3)),
+            "n_kv_heads=3 must divide n_head=4; try 1, 2 or 4",
+        ),
+        (lambda: tiny_config(AttentionConfig(kv_share=[0, 2, 2, 3])), "kv_share[1]=2"),
+        (lambda: tiny_config(AttentionConfig(kv_share=[0, 0, 1, 3])), "layer 1 itself borrows from 0"),
+        (lambda: tiny_config(AttentionConfig(kv_share="pairs")), "kv_share='pairs' not understood"),
+        (lambda: tiny_config(AttentionConfig(kv_share="every:9")), "between 1 and n_layer=4"),
+        (lambda: tiny_config(AttentionConfig(kind="flash")), "unknown attention kind 'flash'"),
+        (lambda: tiny_config("gqa-ish"), "unknown attention preset 'gqa-ish'"),
+        (lambda: ModelConfig.preset("gpt5"), "unknown model preset 'gpt5'"),
+        (lambda: tiny_config("mha", n_embd=30), "n_embd=30 must be divisible by n_head=4"),
+        (lambda: tiny_config(AttentionConfig(kv_rank=8)), "kv_rank is not used by kind='gqa'"),
+        (
+            lambda: tiny_config(
+                AttentionConfig(kv_share="every:2", layers={1: AttentionConfig(n_kv_heads=1)})
+            ),
+            "layer 1 borrows KV from layer 0 but their attention structures differ",
+        ),
+        (lambda: tiny_config(AttentionConfig(layers={7: AttentionConfig()})), "valid layers are 0..3"),
+        (lambda: ModelConfig.from_dict({"n_layers": 2}), "unknown model field(s) ['n_layers']"),
+    ],
+)
+def test_config_errors_are_one_line_and_name_the_fix(make, message):
+    with pytest.raises(ConfigError) as e:
+        make()
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@torch.inference_mode()
+def test_cache_guards():
+    model = GPT(tiny_config("gqa")).eval()
+    cache = model.new_cache(batch_size=2, max_len=10)
+    model(torch.zeros(2, 8, dtype=torch.long), cache=cache)
+    with pytest.raises(CacheError, match="8 cached \\+ 3 new tokens exceed the cache's max_len=10"):
+        model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+    assert cache.pos == 8  # a refused call changes nothing
+    with pytest.raises(CacheError, match="batch size 1 does not match"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(CacheError, match="exceeds block_size=64"):
+        model.new_cache(batch_size=1, max_len=65)
+    with pytest.raises(CacheError, match="exceed block_size=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    cache.reset()
+    full = model(torch.arange(10)[None].repeat(2, 1))
+    torch.testing.assert_close(model(torch.arange(10)[None].repeat(2, 1), cache=cache), full)
+
+
+def test_borrowing_layers_have_no_kv_projection():
+    model = GPT(tiny_config(AttentionConfig(kv_share="every:2")))
+    assert [b.attn.kv_proj is not None for b in model.blocks] == [True, False, True, False]
+    assert model.kv_metrics()["layer_sharing_ratio"] == 2.0
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = GPT(tiny_config(AttentionConfig(n_kv_heads=2, kv_share="every:2"))).eval()
+    save_model(tmp_path, model, extra={"note": "test"})
+    loaded = load_model(tmp_path)
+    idx = torch.randint(0, 97, (2, 11))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
+    assert loaded.lm_head.weight is loaded.wte.weight  # still tied
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["note"] == "test" and cfg["model"]["attention"]["kv_share"] == "every:2"
+    assert "torch" in cfg["environment"]
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        load_model(tmp_path)
+    model = GPT(tiny_config("mha"))
+    save_model(tmp_path, model)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(tmp_path)
+    save_model(tmp_path, GPT(tiny_config("mqa")))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model"]["attention"]["n_kv_heads"] = 4  # config no longer matches the weights
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_model(tmp_path)
+
+
+@torch.inference_mode()
+def test_generate_sampling_eos_and_speed():
+    model = GPT(tiny_config("gqa")).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    a = generate(model, prompt, 10, temperature=1.0, top_k=5, seed=7)
+    b = generate(model, prompt, 10, temperature=1.0, top_k=5, seed=7)
+    assert torch.equal(a.tokens, b.tokens) and a.tokens.shape == (2, 15)
+    assert torch.equal(a.tokens[:, :5], prompt)
+    assert a.tokens_per_s > 0 and a.cache_bytes == model.kv_cache_bytes(2, 15)
+    greedy = generate(model, prompt[:1], 10).tokens
+    eos = int(greedy[0, 7])  # the third generated token: generation must stop right there
+    stopped = generate(model, prompt[:1], 10, eos_token=eos).tokens
+    first = (greedy[0, 5:] == eos).nonzero()[0].item()
+    assert torch.equal(stopped[0], greedy[0, : 5 + first + 1])
+    with pytest.raises(CacheError, match="exceeds the model's block_size=64"):
+        generate(model, prompt, 60)
+
+
+def test_cli_generate_and_one_line_errors(tmp_path, capsys):
+    model = GPT(tiny_config("mqa")).eval()
+    save_model(tmp_path, model)
+    assert main(["generate", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    expected = generate(model, torch.tensor([[1, 2, 3]]), 4).tokens[0, 3:].tolist()
+    assert out.splitlines()[0] == ",".join(map(str, expected))
+    assert main(["generate", str(tmp_path), "--prompt-ids", "1,2,500"]) == 2
+    assert "outside the model's vocabulary (97 tokens)" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--prompt-ids", ",".join(["1"] * 70)]) == 2
+    assert "exceeds the model's block_size=64" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "nope"), "--prompt-ids", "1"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_subprocess_error_has_no_traceback():
+    r = subprocess.run(
+        [sys.executable, "-m", "kvlab.cli", "info", "--attention", "gqa", "mlkv-99"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "kvlab: error: kv_share='groups:99': N must be between 1 and n_layer=12"
+    ]
+    assert "Traceback" not in r.stderr
