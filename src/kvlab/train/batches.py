@@ -1,0 +1,82 @@
+"""Token files -> training batches, sampled from a saved-and-restored generator.
+
+A dataset directory holds flat nanoGPT token files (`train.bin`, `val.bin`, dtype from `meta.json`).
+Each optimizer step draws ONE global batch of `grad_accum x batch_size` window offsets from a
+`torch.Generator` shared by all ranks; DDP rank r takes micro-batches r, r + W, ... of it. So the data a
+step sees does not depend on the number of processes, and resume only needs the generator's state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvlab.errors import KvlabError
+
+
+class DataError(KvlabError):
+    """A dataset directory that cannot be trained on; the message names the file and the fix."""
+
+
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; make the dataset with `kvlab data prepare` or pass --data DIR")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); re-run `kvlab data prepare`") from e
+    if "vocab_size" not in meta:
+        raise DataError(f"{path} has no vocab_size; re-run `kvlab data prepare`")
+    return meta
+
+
+def open_split(data_dir: str | Path, split: str, meta: dict[str, Any], block_size: int) -> np.memmap:
+    """Memory-map `<split>.bin` and check it holds more than one block of in-vocabulary tokens."""
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise DataError(f"{path} not found; the dataset needs train.bin and val.bin (`kvlab data prepare`)")
+    dtype = meta.get("dtype", "uint16")
+    if dtype not in _DTYPES:
+        raise DataError(f"{path.parent / 'meta.json'}: dtype={dtype!r} unknown; expected uint16 or uint32")
+    tokens = np.memmap(path, dtype=_DTYPES[dtype], mode="r")
+    if len(tokens) <= block_size + 1:
+        raise DataError(
+            f"{path} holds {len(tokens)} tokens; training needs more than block_size + 1 = {block_size + 1} "
+            "(add text or lower model.block_size)"
+        )
+    top = int(tokens.max())
+    if top >= meta["vocab_size"]:
+        raise DataError(
+            f"{path} holds token id {top} but meta.json says vocab_size={meta['vocab_size']}; "
+            "the token files and meta.json come from different tokenizers: re-run `kvlab data prepare`"
+        )
+    return tokens
+
+
+def sample_offsets(gen: torch.Generator, n: int, n_tokens: int, block_size: int) -> torch.Tensor:
+    """n random window starts (nanoGPT get_batch), drawn on CPU so every device/rank draws the same."""
+    return torch.randint(n_tokens - block_size - 1, (n,), generator=gen)
+
+
+def make_batch(tokens: np.ndarray, offsets: torch.Tensor, block_size: int, device: torch.device):
+    """(x, y) of shape (len(offsets), block_size): inputs and next-token targets, int64 on `device`."""
+    rows = [torch.from_numpy(tokens[i : i + 1 + block_size].astype(np.int64)) for i in offsets.tolist()]
+    xy = torch.stack(rows)  # (B, T + 1)
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device.type == "cuda":  # pinned + non_blocking overlaps the copy with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def rank_slices(offsets: torch.Tensor, batch_size: int, rank: int, world: int) -> list[torch.Tensor]:
+    """This rank's micro-batches of one global step: micro-batches rank, rank + world, ..."""
+    micro = offsets.view(-1, batch_size)  # (grad_accum, batch_size)
+    return [micro[i] for i in range(rank, micro.shape[0], world)]
