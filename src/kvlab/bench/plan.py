@@ -1,0 +1,169 @@
+"""The bench plan: a suite expanded into cells (method x regime x seed), each keyed by a config hash.
+
+A cell's key hashes its resolved model (with attention), training config (with seed), data and the
+held-out corpus it is scored on; its `train_key` hashes the training part only, so regimes that train
+the same model share one run. `format_plan` prints what a bench will do without training anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvlab.bench.suites import Suite, SuiteError
+from kvlab.commands.info import format_table
+from kvlab.model import GPT
+
+HASH_CHARS = 16  # 64 bits of sha256: collisions are not a concern at bench scale
+
+
+def config_hash(obj: Any) -> str:
+    """Stable hash of a JSON-able config: key order, whitespace and Python version do not matter."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def resolve_train(fields: dict[str, Any]) -> dict[str, Any]:
+    """The full training config (defaults filled in) as a dict, so a changed default changes the hash."""
+    fields = dict(fields)
+    preset = fields.pop("preset", None)
+    try:
+        from kvlab.config import TrainConfig
+    except ImportError:  # training not available: hash the fields as written
+        return {**({"preset": preset} if preset else {}), **fields}
+    if preset is not None:
+        from kvlab.train import train_preset
+
+        base = train_preset(preset)
+    else:
+        base = TrainConfig()
+    try:
+        return dataclasses.asdict(dataclasses.replace(base, **fields))
+    except TypeError as e:
+        known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+        raise SuiteError(f"train fields {sorted(fields)}: {e}; known fields: {known}") from e
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    regime: str
+    seed: int
+    model: dict[str, Any]  # ModelConfig.to_dict()
+    train: dict[str, Any]  # resolved TrainConfig fields, seed included
+    data: dict[str, Any]  # kvlab.data.prepare arguments
+    heldout: str | None  # held-out corpus; None = the training corpus's held-out split
+    train_key: str
+    key: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} | {self.regime} | seed {self.seed}"
+
+    def config(self) -> dict[str, Any]:
+        return {"model": self.model, "train": self.train, "data": self.data, "eval": {"heldout": self.heldout}}
+
+
+def make_cell(suite: Suite, method: str, regime, seed: int) -> Cell:
+    model = suite.model_config(method, regime).to_dict()
+    try:
+        train = resolve_train({**suite.train, **regime.train, "seed": seed})
+    except SuiteError as e:
+        raise SuiteError(f"{suite.source}: regime {regime.name!r}: {e}") from e
+    data = dict(suite.data)
+    train_part = {"model": model, "train": train, "data": data}
+    return Cell(
+        method=method,
+        regime=regime.name,
+        seed=seed,
+        model=model,
+        train=train,
+        data=data,
+        heldout=regime.heldout,
+        train_key=config_hash(train_part),
+        key=config_hash({**train_part, "eval": {"heldout": regime.heldout}}),
+    )
+
+
+def plan_cells(suite: Suite) -> list[Cell]:
+    """Every cell, seed-major so an interrupted bench already holds one seed of every method."""
+    return [make_cell(suite, m, r, s) for s in suite.seeds for m in suite.methods for r in suite.regimes]
+
+
+def tokens_per_run(cell: Cell) -> int:
+    """Training tokens of a cell's run: iterations x batch x accumulation x context."""
+    t = cell.train
+    return int(t.get("max_iters", 0)) * int(t.get("batch_size", 1)) * int(t.get("grad_accum", 1)) * int(
+        cell.model["block_size"]
+    )
+
+
+def method_kv_table(suite: Suite) -> list[dict[str, Any]]:
+    """Analytic KV metrics per method (first regime's model), built on the meta device: no memory."""
+    rows = []
+    for method in suite.methods:
+        cfg = suite.model_config(method, suite.regimes[0])
+        with torch.device("meta"):
+            model = GPT(cfg)
+        rows.append({"method": method, "kind": cfg.attention.kind, "params_M": model.num_params() / 1e6,
+                     **model.kv_metrics()})
+    return rows
+
+
+def _fmt_tokens(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def format_plan(suite: Suite, cells: list[Cell], out_dir: str | Path | None = None) -> str:
+    """The plan as text: cells, training runs, regimes with token budgets, analytic KV per method."""
+    runs = {c.train_key: c for c in cells}
+    done = set()
+    if out_dir is not None:
+        done = {c.key for c in cells if (Path(out_dir) / "cells" / c.key / "eval.json").is_file()}
+    n_m, n_r, n_s = len(suite.methods), len(suite.regimes), len(suite.seeds)
+    total_tokens = sum(tokens_per_run(c) for c in runs.values())
+    lines = [
+        f"suite {suite.name}: {suite.description}".rstrip(": "),
+        f"  {n_m} methods x {n_r} regimes x {n_s} seeds ({', '.join(map(str, suite.seeds))}) = {len(cells)} cells; "
+        f"{len(runs)} training runs, {_fmt_tokens(total_tokens)} training tokens in all",
+        f"  model {suite.model_preset} {suite.model or ''}".rstrip(),
+        f"  data {suite.data}",
+        "",
+        "regimes (per method and seed):",
+    ]
+    first = {r.name: next(c for c in cells if c.regime == r.name) for r in suite.regimes}
+    run_names: dict[str, str] = {}
+    for r in suite.regimes:
+        c = first[r.name]
+        t = c.train
+        shared = run_names.setdefault(c.train_key, r.name)
+        trains = "trains" if shared == r.name else f"reuses {shared}'s run"
+        budget = (
+            f"{t.get('max_iters', '?')} iters x batch {t.get('batch_size', '?')} x accum {t.get('grad_accum', 1)}"
+            f" x ctx {c.model['block_size']} = {_fmt_tokens(tokens_per_run(c))} tokens"
+        )
+        lines.append(f"  {r.name:<18} {trains:<28} {budget}; held-out: {r.heldout or 'training corpus'}")
+    lines += ["", "methods (analytic KV footprint at bf16, from the model on the meta device):"]
+    columns = [
+        ("method", "method", ""),
+        ("kind", "kind", ""),
+        ("params_M", "params (M)", ".1f"),
+        ("kv_bytes_per_token", "KV B/token/layer", ".0f"),
+        ("kv_bytes_per_token_total", "KV B/token", ".0f"),
+        ("head_sharing_ratio", "head share", ".2f"),
+        ("layer_sharing_ratio", "layer share", ".2f"),
+        ("latent_rank_ratio", "latent ratio", ".2f"),
+    ]
+    lines += ["  " + line for line in format_table(method_kv_table(suite), columns).splitlines()]
+    if out_dir is not None:
+        lines += ["", f"{len(done)} of {len(cells)} cells already finished in {out_dir}; {len(cells) - len(done)} to run"]
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""Bench outputs: aggregate cells over seeds, then write results.json, results.md and pareto.png.
+
+results.json has one row per (method, regime) with every numeric metric as mean/std/values over seeds
+and the run's config; results.md is shaped like seed 000's table (a row per method, columns per regime
+and metric, "mean ± std"); pareto.png plots held-out loss against KV bytes/token (log x) per regime with
+the Pareto frontier (lower-left is better on both axes).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from kvlab.bench.suites import Suite
+from kvlab.checkpoint import atomic_write, write_json
+
+# (metric key, column title, lower is better?) shown per regime in the main table, seed 000's order
+REGIME_COLUMNS = [
+    ("val_loss", "val loss", True),
+    ("heldout_loss", "heldout loss", True),
+    ("generation_toks_per_s", "gen tok/s", False),
+]
+# keys that hold the analytic cache size next to measured_cache_bytes (eval's name for it)
+ANALYTIC_KEYS = ("analytic_cache_bytes", "kv_cache_bytes", "expected_cache_bytes")
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) metrics dict as {"a.b": value}; strings, lists, None are dropped."""
+    flat: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            flat.update(flatten_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[f"{prefix}{k}"] = float(v)
+        elif isinstance(v, bool):
+            flat[f"{prefix}{k}"] = float(v)
+    return flat
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n-1; 0.0 for a single seed)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def cache_check(metrics: dict[str, float]) -> bool | None:
+    """measured_cache_bytes == analytic bytes for one cell; None if the cell does not report both."""
+    measured = metrics.get("measured_cache_bytes")
+    analytic = next((metrics[k] for k in ANALYTIC_KEYS if k in metrics), None)
+    if measured is None or analytic is None:
+        return None
+    return measured == analytic
+
+
+def aggregate(results: list[dict[str, Any]], methods: list[str], regimes: list[str]) -> list[dict[str, Any]]:
+    """One row per (method, regime) present in results, in suite order, with mean/std over seeds."""
+    rows = []
+    for method in methods:
+        for regime in regimes:
+            cells = sorted((r for r in results if r["method"] == method and r["regime"] == regime),
+                           key=lambda r: r["seed"])
+            if not cells:
+                continue
+            flats = [flatten_metrics(c["metrics"]) for c in cells]
+            keys = [k for k in flats[0] if all(k in f for f in flats)]
+            metrics = {}
+            for k in keys:
+                values = [f[k] for f in flats]
+                m, s = mean_std(values)
+                metrics[k] = {"mean": m, "std": s, "values": values}
+            checks = [cache_check(f) for f in flats]
+            config = {k: v for k, v in cells[0]["config"].items()}
+            config["train"] = {k: v for k, v in config["train"].items() if k != "seed"}
+            rows.append({
+                "method": method,
+                "regime": regime,
+                "seeds": [c["seed"] for c in cells],
+                "n_seeds": len(cells),
+                "metrics": metrics,
+                "cache_bytes_match": None if None in checks else all(checks),
+                "cells": [c["key"] for c in cells],
+                "config": config,
+            })
+    return rows
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (<= on both x and y, < on one), sorted by x."""
+    front = []
+    for i, (xi, yi) in enumerate(points):
+        dominated = any(
+            xj <= xi and yj <= yi and (xj < xi or yj < yi) for j, (xj, yj) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], points[i][1]))
+
+
+def _fmt(stat: dict[str, float] | None, digits: int) -> str:
+    if stat is None:
+        return "–"
+    if stat.get("n", len(stat.get("values", [0]))) > 1:
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}"
+
+
+def _digits(key: str) -> int:
+    return 1 if key.endswith(("toks_per_s", "bytes", "bytes_per_token", "bytes_per_token_total")) else 3
+
+
+def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list[str]) -> str:
+    """Seed 000's layout: a row per method; KV columns once, then val/heldout loss and tok/s per regime."""
+    by = {(r["method"], r["regime"]): r for r in rows}
+    header = ["Method", "kind", "KV B/token ↓", "KV B/token all layers ↓", "cache measured = analytic"]
+    for reg in regimes:
+        header += [f"{title} {reg} {'↓' if low else '↑'}" for _, title, low in REGIME_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in methods:
+        present = [by[(m, reg)] for reg in regimes if (m, reg) in by]
+        if not present:
+            continue
+        first = present[0]
+        kind = first["config"]["model"]["attention"]["kind"]
+        checks = [r["cache_bytes_match"] for r in present]
+        check = "?" if None in checks else ("yes" if all(checks) else "**NO**")
+        cells = [m, kind, _fmt(first["metrics"].get("kv_bytes_per_token"), 0),
+                 _fmt(first["metrics"].get("kv_bytes_per_token_total"), 0), check]
+        for reg in regimes:
+            row = by.get((m, reg))
+            for key, _, _ in REGIME_COLUMNS:
+                cells.append(_fmt(row["metrics"].get(key), _digits(key)) if row else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def details_tables(rows: list[dict[str, Any]], methods: list[str], regimes: list[str]) -> str:
+    """Per regime, every other metric the evaluator reported (perplexities, accuracy, ratios ...)."""
+    shown = {k for k, _, _ in REGIME_COLUMNS} | {"kv_bytes_per_token", "kv_bytes_per_token_total"}
+    out = []
+    for reg in regimes:
+        rrows = [r for m in methods for r in rows if r["method"] == m and r["regime"] == reg]
+        if not rrows:
+            continue
+        keys = [k for k in rrows[0]["metrics"] if k not in shown]
+        if not keys:
+            continue
+        out += [f"### {reg}", "", "| Method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for r in rrows:
+            out.append(f"| {r['method']} | " + " | ".join(_fmt(r["metrics"].get(k), _digits(k)) for k in keys) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def pareto_regimes(suite: Suite, rows: list[dict[str, Any]]) -> list[str]:
+    """Regimes with a held-out loss, the suite's pareto_regime first."""
+    names = [r.name for r in suite.regimes if any(x["regime"] == r.name and "heldout_loss" in x["metrics"]
+                                                  for x in rows)]
+    if suite.pareto_regime in names:
+        names.remove(suite.pareto_regime)
+        names.insert(0, suite.pareto_regime)
+    return names
+
+
+def plot_pareto(rows: list[dict[str, Any]], methods: list[str], regimes: list[str], path: Path, title: str) -> None:
+    """Held-out loss vs KV bytes/token (log x), one panel per regime, seed-spread error bars, frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    n = max(1, len(regimes))
+    ncol = min(n, 3)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.8 * nrow), squeeze=False)
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for ax, reg in zip(axes.flat, regimes):
+        pts = [(r["method"], r["metrics"]["kv_bytes_per_token"], r["metrics"]["heldout_loss"])
+               for m in methods for r in rows
+               if r["method"] == m and r["regime"] == reg and "heldout_loss" in r["metrics"]
+               and "kv_bytes_per_token" in r["metrics"]]
+        xs = [p[1]["mean"] for p in pts]
+        ys = [p[2]["mean"] for p in pts]
+        front = pareto_front(list(zip(xs, ys)))
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="0.45", lw=1.5, zorder=1,
+                label="Pareto frontier")
+        for i, (m, _, y) in enumerate(pts):
+            on = i in front
+            ax.errorbar(xs[i], ys[i], yerr=y["std"], fmt="o", ms=9 if on else 7, capsize=4,
+                        color=colors[m], mec="black" if on else colors[m], mew=1.2, zorder=3)
+            # alternate label sides so points at similar x do not print over each other
+            ax.annotate(m, (xs[i], ys[i]), xytext=(8, 8 if i % 2 == 0 else -14), textcoords="offset points",
+                        fontsize=10, fontweight="bold" if on else "normal", color="black")
+        ax.set_xscale("log")
+        ticks = sorted(set(xs))
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{t:g}" for t in ticks], rotation=45 if len(ticks) > 5 else 0)
+        if xs:
+            ax.set_xlim(min(xs) / 1.35, max(xs) * 1.6)
+        ax.set_xlabel("KV bytes per token per layer (bf16, log scale) — less is better")
+        ax.set_ylabel("held-out loss (nats/token) — lower is better")
+        ax.set_title(reg)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(loc="upper right", fontsize=9)
+    for ax in list(axes.flat)[len(regimes):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title}: quality vs KV memory (error bars: std over seeds; bold: on the frontier)")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def write_reports(suite: Suite, results: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """results.json, results.md and pareto.png under out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    methods, regimes = list(suite.methods), [r.name for r in suite.regimes]
+    rows = aggregate(results, methods, regimes)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "pareto.png"}
+    write_json(paths["json"], {"suite": suite.name, "source": suite.source, "seeds": list(suite.seeds),
+                               "rows": rows})
+    seeds = ", ".join(map(str, suite.seeds))
+    md = [
+        f"# kvlab bench: {suite.name}",
+        "",
+        f"{suite.description}. Mean ± std over seeds ({seeds}); losses in nats/token; KV bytes at bf16 "
+        "(per layer: seed 000's kv_bytes_per_token). 'cache measured = analytic': cache.nbytes() after a real "
+        "prefill equals the analytic kv_cache_bytes in every seed.",
+        "",
+        markdown_table(rows, methods, regimes),
+        "",
+    ]
+    details = details_tables(rows, methods, regimes)
+    if details:
+        md += ["## Other metrics", "", details]
+    atomic_write(paths["md"], lambda tmp: Path(tmp).write_text("\n".join(md) + "\n"))
+    plot_regs = pareto_regimes(suite, rows)
+    if plot_regs:
+        plot_pareto(rows, methods, plot_regs, paths["png"], suite.name)
+    else:
+        paths.pop("png")
+    return paths

@@ -1,0 +1,169 @@
+"""Run a bench: train and evaluate every cell of a suite, reusing finished cells, then write the report.
+
+Layout of OUT: `runs/<train_key>/` is a training run directory (shared by regimes that train the same
+model), `cells/<key>/eval.json` is one finished cell (metrics + resolved config). A cell is done iff its
+eval.json exists, and a run is done iff its `bench_train.json` exists, so an interrupted bench, rerun,
+trains only what is missing. The work itself goes through a `Backend` (data, train, eval), which tests
+replace with a cheap fake.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kvlab.bench.plan import Cell, plan_cells
+from kvlab.bench.suites import Suite
+from kvlab.checkpoint import write_json
+from kvlab.config import ModelConfig
+
+TRAIN_DONE = "bench_train.json"  # written into a run dir once training returned
+EVAL_FILE = "eval.json"
+
+
+class Backend(Protocol):
+    """What the runner needs from the rest of kvlab; `KvlabBackend` is the real one."""
+
+    def prepare(self, data: dict[str, Any]) -> Path: ...
+
+    def train(self, model_cfg: ModelConfig, train_cfg: dict[str, Any], data_dir: Path, out_dir: Path) -> Path: ...
+
+    def evaluate(self, run_dir: Path, heldout: str | None, data_dir: Path) -> dict[str, Any]: ...
+
+
+class KvlabBackend:
+    """kvlab.data.prepare -> kvlab.train.train -> kvlab.eval.evaluate (imported late: optional parts)."""
+
+    def prepare(self, data: dict[str, Any]) -> Path:
+        from kvlab.data import prepare
+
+        return Path(prepare(**data))
+
+    def train(self, model_cfg: ModelConfig, train_cfg: dict[str, Any], data_dir: Path, out_dir: Path) -> Path:
+        from kvlab.config import TrainConfig
+        from kvlab.train import train
+
+        # resume=True: a run killed mid-way continues from its last checkpoint instead of restarting
+        return Path(train(model_cfg, TrainConfig(**train_cfg), data_dir, out_dir, resume=True))
+
+    def evaluate(self, run_dir: Path, heldout: str | None, data_dir: Path) -> dict[str, Any]:
+        from kvlab.eval import evaluate
+
+        return evaluate(run_dir, heldout=[heldout] if heldout else [], data_dir=data_dir)
+
+
+@dataclass
+class BenchResult:
+    out_dir: Path
+    results: list[dict[str, Any]]  # one eval.json per finished cell
+    failed: list[dict[str, Any]] = field(default_factory=list)  # {"cell": label, "error": ...}
+    trained: int = 0  # training runs executed by this call (0 when everything was reused)
+    evaluated: int = 0
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def run_bench(
+    suite: Suite,
+    out_dir: str | Path,
+    backend: Backend | None = None,
+    log=print,
+    write_report: bool = True,
+) -> BenchResult:
+    """Train and evaluate every cell of `suite` under out_dir, then write results.json/.md and pareto.png."""
+    backend = backend or KvlabBackend()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = plan_cells(suite)
+    write_json(out_dir / "suite.json", {"name": suite.name, "source": suite.source, "seeds": list(suite.seeds),
+                                        "cells": [{"label": c.label, "key": c.key} for c in cells]})
+    todo = [c for c in cells if not (out_dir / "cells" / c.key / EVAL_FILE).is_file()]
+    log(f"bench {suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> {out_dir}")
+    result = BenchResult(out_dir=out_dir, results=[])
+    data_dir = backend.prepare(suite.data) if todo else None
+    start = time.perf_counter()
+    for n, cell in enumerate(todo, 1):
+        t0 = time.perf_counter()
+        log(f"[{n}/{len(todo)}] {cell.label}  (cell {cell.key})")
+        try:
+            did_train = _run_cell(cell, out_dir, backend, data_dir, log)
+            result.trained += did_train
+            result.evaluated += 1
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one broken method must not lose the rest of a long bench
+            err = f"{type(e).__name__}: {e}"
+            log(f"    FAILED: {err} (traceback in cells/{cell.key}/error.txt)")
+            cell_dir = out_dir / "cells" / cell.key
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            (cell_dir / "error.txt").write_text(traceback.format_exc())
+            result.failed.append({"cell": cell.label, "key": cell.key, "error": err})
+        elapsed = time.perf_counter() - start
+        eta = elapsed / n * (len(todo) - n)
+        log(
+            f"    cell {time.perf_counter() - t0:.1f}s | progress {n}/{len(todo)} "
+            f"({100 * n / len(todo):.0f}%) | elapsed {_fmt_s(elapsed)} | ~{_fmt_s(eta)} left"
+        )
+    result.results = load_results(out_dir, cells)
+    if write_report:
+        from kvlab.bench.report import write_reports
+
+        write_reports(suite, result.results, out_dir)
+    return result
+
+
+def _run_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log) -> bool:
+    """Train (unless the run already exists) and evaluate one cell; True if it trained."""
+    run_dir = out_dir / "runs" / cell.train_key
+    trained = False
+    if not (run_dir / TRAIN_DONE).is_file():
+        t0 = time.perf_counter()
+        model_cfg = ModelConfig.from_dict(cell.model)
+        backend.train(model_cfg, cell.train, data_dir, run_dir)
+        write_json(run_dir / TRAIN_DONE, {"train_s": time.perf_counter() - t0, **cell.config()})
+        trained = True
+        log(f"    trained in {time.perf_counter() - t0:.1f}s -> runs/{cell.train_key}")
+    train_s = json.loads((run_dir / TRAIN_DONE).read_text()).get("train_s")
+    t0 = time.perf_counter()
+    metrics = backend.evaluate(run_dir, cell.heldout, data_dir)
+    eval_s = time.perf_counter() - t0
+    summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("val_loss", "heldout_loss") if k in metrics)
+    log(f"    evaluated in {eval_s:.1f}s: {summary}")
+    record = {
+        "method": cell.method,
+        "regime": cell.regime,
+        "seed": cell.seed,
+        "key": cell.key,
+        "train_key": cell.train_key,
+        "run_dir": f"runs/{cell.train_key}",
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "metrics": metrics,
+        "config": cell.config(),
+    }
+    write_json(out_dir / "cells" / cell.key / EVAL_FILE, record)  # last: its existence marks the cell done
+    return trained
+
+
+def load_results(out_dir: Path, cells: list[Cell]) -> list[dict[str, Any]]:
+    """The eval.json of every finished cell of the plan, labelled with this suite's method/regime names."""
+    results = []
+    for c in cells:
+        path = out_dir / "cells" / c.key / EVAL_FILE
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            rec.update(method=c.method, regime=c.regime, seed=c.seed)  # names may differ from the run's
+            results.append(rec)
+    return results
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

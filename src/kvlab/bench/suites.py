@@ -1,0 +1,217 @@
+"""Benchmark suites: what to train and evaluate (model, data, budget, methods, regimes, seeds).
+
+A suite is a TOML file; the built-in ones (`cpu-demo`, `seed-124m`) ship in `kvlab/bench/suites/`.
+This module parses and validates a suite into a `Suite` and reports every mistake as one `SuiteError`
+line naming the file, the field and the fix. The schema is documented in `suites/cpu-demo.toml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvlab.config import MODEL_PRESETS, AttentionConfig, ConfigError, ModelConfig
+from kvlab.errors import KvlabError
+
+try:  # Python >= 3.11; on 3.10 the tomli backport reads the same files
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ModuleNotFoundError:
+        tomllib = None  # type: ignore[assignment]
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+DEFAULT_SUITE = "cpu-demo"
+
+_TOP_KEYS = {"suite", "model", "data", "train", "methods", "regimes"}
+_SUITE_KEYS = {"name", "description", "seeds", "seed", "pareto_regime"}
+_REGIME_KEYS = {"description", "model", "train", "heldout"}
+
+
+class SuiteError(KvlabError):
+    """A suite file that cannot be used; the message names the file, the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One column group of the results table: how the model is trained and what it is scored on.
+
+    Regimes whose `model`/`train` overrides are equal share one training run per method and seed
+    (seed 000's eval-* regimes are the train-ctx1024 model scored on another held-out corpus).
+    """
+
+    name: str
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. block_size
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    heldout: str | None = None  # held-out corpus name; None = the training corpus's own held-out split
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    model_preset: str
+    model: dict[str, Any]  # ModelConfig overrides applied to every cell
+    data: dict[str, Any]  # kvlab.data.prepare arguments: corpus, tokenizer
+    train: dict[str, Any]  # TrainConfig fields (the training budget); `preset` names a train preset
+    methods: dict[str, AttentionConfig]  # display name -> attention structure, in table order
+    regimes: tuple[Regime, ...]
+    seeds: tuple[int, ...]
+    pareto_regime: str | None = None  # regime plotted first in pareto.png (default: the first)
+    source: str = ""  # the file it came from
+
+    def with_seeds(self, n: int) -> Suite:
+        """The same suite run with n seeds (first seed kept, then consecutive)."""
+        if n < 1:
+            raise SuiteError(f"--seeds {n}: the number of seeds must be at least 1")
+        return dataclasses.replace(self, seeds=tuple(self.seeds[0] + i for i in range(n)))
+
+    def model_config(self, method: str, regime: Regime) -> ModelConfig:
+        """The resolved model of one method in one regime (suite overrides, then the regime's)."""
+        overrides = {**self.model, **regime.model, "attention": self.methods[method]}
+        try:
+            return ModelConfig.preset(self.model_preset, **overrides)
+        except ConfigError as e:
+            raise SuiteError(f"{self.source}: method {method!r} in regime {regime.name!r}: {e}") from e
+
+
+def builtin_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+
+
+def load_suite(name_or_path: str | Path = DEFAULT_SUITE) -> Suite:
+    """A built-in suite by name (`cpu-demo`, `seed-124m`) or a user's TOML file by path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        if str(name_or_path).endswith(".toml") or path.parent != Path("."):
+            raise SuiteError(f"suite file {path} not found; pass a TOML file or one of: {', '.join(builtin_suites())}")
+        path = SUITES_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise SuiteError(
+                f"unknown suite {str(name_or_path)!r}; choose one of {', '.join(builtin_suites())} or pass a .toml file"
+            )
+    if tomllib is None:  # pragma: no cover - 3.10 without tomli
+        raise SuiteError("reading suites needs tomllib (Python >= 3.11) or `pip install tomli` on Python 3.10")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SuiteError(f"{path}: invalid TOML ({e})") from e
+    return parse_suite(raw, source=str(path))
+
+
+def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
+    """Validate a suite's TOML tables (see suites/cpu-demo.toml for the schema)."""
+
+    def fail(msg: str) -> SuiteError:
+        return SuiteError(f"{source}: {msg}")
+
+    def table(d: dict, key: str, where: str) -> dict[str, Any]:
+        v = d.get(key, {})
+        if not isinstance(v, dict):
+            raise fail(f"{where}{key} must be a table ({key} = {{ ... }} or [{key}]), got {v!r}")
+        return dict(v)
+
+    _reject_unknown(raw, _TOP_KEYS, "", fail)
+    head = table(raw, "suite", "")
+    _reject_unknown(head, _SUITE_KEYS, "suite.", fail)
+    name = head.get("name", Path(source).stem)
+
+    seeds = head.get("seeds", 1)
+    first = head.get("seed", 0)
+    if isinstance(seeds, list):
+        if not seeds or not all(isinstance(s, int) for s in seeds):
+            raise fail(f"suite.seeds={seeds!r} must be a count (seeds = 2) or a non-empty list of integers")
+        seed_list = tuple(seeds)
+    elif isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1 and isinstance(first, int):
+        seed_list = tuple(first + i for i in range(seeds))
+    else:
+        raise fail(f"suite.seeds={seeds!r} must be a positive count (seeds = 2) or a list of integers")
+
+    model = table(raw, "model", "")
+    preset = model.pop("preset", None)
+    if preset not in MODEL_PRESETS:
+        raise fail(f"model.preset={preset!r} must name a model preset: {', '.join(MODEL_PRESETS)}")
+    if "attention" in model:
+        raise fail("model.attention is set per method; list structures under [methods] instead")
+    known_model = {f.name for f in dataclasses.fields(ModelConfig)}
+    _reject_unknown(model, known_model, "model.", fail)
+
+    data = table(raw, "data", "")
+    train = table(raw, "train", "")
+
+    methods_raw = table(raw, "methods", "")
+    if not methods_raw:
+        raise fail('no [methods]; add e.g. [methods] mha = "mha" and gqa = { kind = "gqa", n_kv_heads = 2 }')
+    methods: dict[str, AttentionConfig] = {}
+    for mname, spec in methods_raw.items():
+        try:
+            if isinstance(spec, str):
+                base = ModelConfig.preset(preset, **model)
+                from kvlab.config import attention_preset
+
+                methods[mname] = attention_preset(spec, base.n_layer, base.n_head, base.n_embd)
+            elif isinstance(spec, dict):
+                methods[mname] = AttentionConfig.from_dict(spec)
+            else:
+                raise fail(
+                    f"methods.{mname}={spec!r} must be an attention preset name (\"gqa\") or a table of "
+                    "AttentionConfig fields ({ kind = \"gqa\", n_kv_heads = 2 })"
+                )
+        except ConfigError as e:
+            raise fail(f"methods.{mname}: {e}") from e
+
+    regimes_raw = table(raw, "regimes", "")
+    if not regimes_raw:
+        raise fail('no [regimes]; add at least one, e.g. [regimes.train] heldout = "default"')
+    regimes = []
+    for rname, r in regimes_raw.items():
+        if not isinstance(r, dict):
+            raise fail(f"regimes.{rname} must be a table ([regimes.{rname}]), got {r!r}")
+        _reject_unknown(r, _REGIME_KEYS, f"regimes.{rname}.", fail)
+        for sub in ("model", "train"):
+            if not isinstance(r.get(sub, {}), dict):
+                raise fail(f"regimes.{rname}.{sub} must be a table of overrides, got {r[sub]!r}")
+        _reject_unknown(r.get("model", {}), known_model - {"attention"}, f"regimes.{rname}.model.", fail)
+        heldout = r.get("heldout")
+        if heldout is not None and not isinstance(heldout, str):
+            raise fail(f"regimes.{rname}.heldout={heldout!r} must be a corpus name (a string)")
+        regimes.append(
+            Regime(
+                name=rname,
+                model=dict(r.get("model", {})),
+                train=dict(r.get("train", {})),
+                heldout=None if heldout in (None, "default") else heldout,
+                description=str(r.get("description", "")),
+            )
+        )
+    pareto = head.get("pareto_regime")
+    if pareto is not None and pareto not in regimes_raw:
+        raise fail(f"suite.pareto_regime={pareto!r} is not a regime; choose one of {', '.join(regimes_raw)}")
+
+    suite = Suite(
+        name=str(name),
+        description=str(head.get("description", "")),
+        model_preset=preset,
+        model=model,
+        data=data,
+        train=train,
+        methods=methods,
+        regimes=tuple(regimes),
+        seeds=seed_list,
+        pareto_regime=pareto,
+        source=source,
+    )
+    for mname in methods:  # every method must build in every regime (catches e.g. kv_rank too large)
+        for regime in suite.regimes:
+            suite.model_config(mname, regime)
+    return suite
+
+
+def _reject_unknown(d: dict, known: set[str], where: str, fail) -> None:
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise fail(f"unknown field(s) {', '.join(where + k for k in unknown)}; known: {', '.join(sorted(known))}")
