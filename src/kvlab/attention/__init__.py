@@ -1,5 +1,6 @@
 """KV structures: one module per structure behind the `KVStructure` interface, found by `kind`."""
 
+from kvlab.attention import context  # noqa: F401
 from kvlab.attention import grouped  # noqa: F401  (registers "gqa")
 from kvlab.attention import mla  # noqa: F401
 from kvlab.attention.base import (

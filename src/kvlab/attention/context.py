@@ -1,0 +1,308 @@
+"""Context-KV attention (seed 001), with chunk-aligned slots so the cache really shrinks.
+
+Slot j summarises tokens [j*interval, (j+1)*interval) through a recurrent ContextBlock (a GRU cell that
+restarts at every chunk). A query at position t (chunk c = t // interval) attends to the completed slots
+j in [c - max_contexts, c), projected to n_kv_heads K/V heads, plus the raw K/V of the last
+`local_window` tokens of its own chunk. The cache keeps only a ring of context vectors, the current
+chunk's raw K/V and the ContextBlock's recurrent state, so it stops growing once max_contexts slots exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kvlab.attention.base import KVStructure, register
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig, _divisors
+from kvlab.errors import KvlabError
+
+DEFAULT_INTERVAL = 32  # seed 001: context_interval = 32
+DEFAULT_MAX_CONTEXTS = 32  # seed 001: max_contexts = 32
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    """The resolved sizes of one Context-KV layer (config fields with their defaults filled in)."""
+
+    interval: int
+    max_contexts: int
+    local_window: int
+    context_dim: int
+    n_kv_heads: int
+
+
+def resolve(cfg: AttentionConfig, model_cfg: ModelConfig) -> ContextShape:
+    interval = DEFAULT_INTERVAL if cfg.interval is None else cfg.interval
+    return ContextShape(
+        interval=interval,
+        max_contexts=DEFAULT_MAX_CONTEXTS if cfg.max_contexts is None else cfg.max_contexts,
+        local_window=interval if cfg.local_window is None else cfg.local_window,
+        # seed 001 uses 256 of 512 (half the width): a context vector is a compressed token.
+        context_dim=max(1, model_cfg.n_embd // 2) if cfg.context_dim is None else cfg.context_dim,
+        n_kv_heads=model_cfg.n_head if cfg.n_kv_heads is None else cfg.n_kv_heads,
+    )
+
+
+class ContextState:
+    """One layer's Context-KV cache; every tensor is preallocated and counted by `nbytes()`.
+
+    slots: ring of the last completed context vectors, slot j at index j % n_slots   (B, n_slots, d)
+    raw_k, raw_v: ring of the current chunk's raw K/V, position t at t % n_raw         (B, H_kv, n_raw, D)
+    h: the ContextBlock's recurrent state for the chunk in progress                    (B, d) or (B, 0)
+    """
+
+    def __init__(self, slots: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.Tensor, h: torch.Tensor):
+        self.slots, self.raw_k, self.raw_v, self.h = slots, raw_k, raw_v, h
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.slots, self.raw_k, self.raw_v, self.h))
+
+
+@register("context")
+class ContextAttention(KVStructure):
+    """Attention over strided context slots plus the current chunk's raw tokens."""
+
+    def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
+        super().__init__(cfg, model_cfg, layer_idx, owns_kv)
+        shape = resolve(cfg, model_cfg)
+        self.interval = shape.interval
+        self.max_contexts = shape.max_contexts
+        self.local_window = shape.local_window
+        self.context_dim = shape.context_dim
+        self.n_kv_heads = shape.n_kv_heads
+        kv_width = self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(self.n_embd, self.n_embd, bias=model_cfg.bias)
+        self.kv_proj = nn.Linear(self.n_embd, 2 * kv_width, bias=model_cfg.bias)  # raw tokens
+        # The ContextBlock (phase 1 of seed 001 trains only parameters named "context_block").
+        self.context_block = nn.GRUCell(self.n_embd, self.context_dim, bias=True)
+        self.context_norm = nn.LayerNorm(self.context_dim, bias=model_cfg.bias)
+        self.slot_kv_proj = nn.Linear(self.context_dim, 2 * kv_width, bias=model_cfg.bias)  # slots
+        self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=model_cfg.bias)
+        self.record_contexts = False  # set by collect_contexts(): keep this forward's context vectors
+        self.last_contexts: torch.Tensor | None = None
+
+    # ---- configuration --------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, cfg: AttentionConfig, model_cfg: ModelConfig) -> None:
+        for name in ("kv_rank", "rope_dim", "q_rank", "ranks", "k_ranks", "v_ranks"):
+            if getattr(cfg, name) is not None:
+                raise ConfigError(
+                    f"{name} is not used by kind='context'; remove it or pick the kind that uses it"
+                )
+        s = resolve(cfg, model_cfg)
+        if s.interval < 1:
+            raise ConfigError(f"interval={s.interval} must be >= 1 (tokens per context slot); try 32")
+        if s.interval > model_cfg.block_size:
+            raise ConfigError(
+                f"interval={s.interval} exceeds block_size={model_cfg.block_size}, so no context slot would "
+                "ever complete; use interval <= block_size"
+            )
+        if s.max_contexts < 1:
+            raise ConfigError(f"max_contexts={s.max_contexts} must be >= 1 (completed slots a query sees)")
+        if not 1 <= s.local_window <= s.interval:
+            raise ConfigError(
+                f"local_window={s.local_window} must be between 1 and interval={s.interval} (raw tokens "
+                "of the current chunk); leave it unset to use interval"
+            )
+        if s.context_dim < 1:
+            raise ConfigError(f"context_dim={s.context_dim} must be >= 1; try n_embd // 2")
+        if s.n_kv_heads <= 0 or model_cfg.n_head % s.n_kv_heads:
+            raise ConfigError(
+                f"n_kv_heads={s.n_kv_heads} must divide n_head={model_cfg.n_head}; "
+                f"try {_divisors(model_cfg.n_head)}"
+            )
+        att = model_cfg.attention
+        if isinstance(att, AttentionConfig):
+            owners = att.owners(model_cfg.n_layer)
+            for i, o in enumerate(owners):
+                if o != i and att.for_layer(o).kind == "context":
+                    raise ConfigError(
+                        f"layer {i} borrows KV from Context-KV layer {o}, but Context-KV layers cannot share "
+                        "KV; use kv_share only among non-context layers (e.g. an explicit owner list)"
+                    )
+
+    def reset_parameters(self) -> None:
+        self.context_block.reset_parameters()  # PyTorch's GRU init (uniform +-1/sqrt(d)), not N(0, 0.02)
+        self.context_norm.reset_parameters()
+
+    # ---- sizes ----------------------------------------------------------------------------------
+    def _ring_sizes(self, max_len: int) -> tuple[int, int, int]:
+        """(n_slots, n_raw, n_state) for a cache of max_len tokens, each the min of its bounds.
+
+        A query at t <= max_len - 1 sees at most (max_len - 1) // interval completed slots; the raw ring
+        holds the earlier tokens of its window (its own token comes with the call), at most
+        local_window - 1 and never more than max_len - 1; the recurrent state only matters if a slot can
+        ever be read from the cache.
+        """
+        n_slots = min(self.max_contexts, (max_len - 1) // self.interval)
+        n_raw = min(self.local_window - 1, max_len - 1)
+        return n_slots, n_raw, self.context_dim if n_slots > 0 else 0
+
+    def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        n_slots, n_raw, n_state = self._ring_sizes(max_len)
+        raw_shape = (batch_size, self.n_kv_heads, n_raw, self.head_dim)
+        return ContextState(
+            slots=torch.zeros(batch_size, n_slots, self.context_dim, device=device, dtype=dtype),
+            raw_k=torch.zeros(raw_shape, device=device, dtype=dtype),
+            raw_v=torch.zeros(raw_shape, device=device, dtype=dtype),
+            h=torch.zeros(batch_size, n_state, device=device, dtype=dtype),
+        )
+
+    def cache_bytes(self, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
+        n_slots, n_raw, n_state = self._ring_sizes(max_len)
+        elements = n_slots * self.context_dim + 2 * n_raw * self.n_kv_heads * self.head_dim + n_state
+        return batch_size * elements * dtype.itemsize
+
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> float:
+        """One context vector per `interval` tokens (design.md); the bounded window adds nothing per token."""
+        return self.context_dim * dtype.itemsize / self.interval
+
+    @property
+    def kv_heads(self) -> float:
+        return float(self.n_kv_heads)
+
+    # ---- the ContextBlock -----------------------------------------------------------------------
+    def summarise(
+        self, x: torch.Tensor, pos: int, h0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the ContextBlock over x (positions pos..pos+T-1), continuing the chunk in progress from h0.
+
+        Returns (contexts of the chunks completed in this call (B, n_done, d), recurrent state of the
+        chunk still in progress (B, d), zeros when the call ends on a chunk boundary). All chunks run in
+        parallel; the loop is over the `interval` offsets inside a chunk, the same cell the cached path
+        runs token by token.
+        """
+        B, T, C = x.shape
+        interval, offset = self.interval, pos % self.interval
+        n_chunks = -(-(offset + T) // interval)
+        xp = F.pad(x, (0, 0, offset, n_chunks * interval - offset - T))  # (B, n_chunks * I, C)
+        xp = xp.view(B, n_chunks, interval, C)  # (B, n_chunks, I, C)
+        k = torch.arange(n_chunks * interval).view(n_chunks, interval)  # call-relative offsets
+        valid = (k >= offset) & (k < offset + T)  # (n_chunks, I), on the CPU: decides which steps run
+        h = x.new_zeros(B, n_chunks, self.context_dim)  # (B, n_chunks, d)
+        if h0 is not None and offset > 0:
+            h = torch.cat([h0.to(x.dtype)[:, None], h[:, 1:]], dim=1)
+        for i in range(interval):
+            if not valid[:, i].any():
+                continue
+            h_new = self.context_block(
+                xp[:, :, i].reshape(B * n_chunks, C), h.reshape(B * n_chunks, self.context_dim)
+            ).view(B, n_chunks, self.context_dim)
+            h = torch.where(valid[:, i].to(x.device)[None, :, None], h_new, h)
+        n_done = (offset + T) // interval
+        h_end = h[:, n_done] if n_done < n_chunks else x.new_zeros(B, self.context_dim)
+        return h[:, :n_done], h_end
+
+    # ---- attention ------------------------------------------------------------------------------
+    def _mask(self, pos: int, T: int, slot_ids: torch.Tensor, raw_pos: torch.Tensor) -> torch.Tensor:
+        """(T, n_slots + n_raw) True where query pos+t may read the slot / raw token."""
+        t = torch.arange(pos, pos + T, device=raw_pos.device)[:, None]  # (T, 1)
+        c = t // self.interval
+        slot_ok = (slot_ids[None, :] < c) & (slot_ids[None, :] >= c - self.max_contexts)
+        raw_ok = (raw_pos[None, :] // self.interval == c) & (raw_pos[None, :] <= t)
+        raw_ok &= raw_pos[None, :] > t - self.local_window
+        return torch.cat([slot_ok, raw_ok], dim=1)
+
+    def forward(self, x: torch.Tensor, pos: int = 0, state=None, kv=None):
+        """x: (B, T, C) at positions pos..pos+T-1; one code path for the full forward (state None, pos 0)
+        and cached prefill/decode. Returns (y, None): Context-KV layers lend their KV to nobody."""
+        if not self.owns_kv:
+            raise RuntimeError(f"layer {self.layer_idx}: Context-KV layers cannot borrow KV")
+        B, T, _ = x.shape
+        interval, device, dtype = self.interval, x.device, x.dtype
+        first_chunk = pos // interval  # chunk in progress at pos
+        end_chunk = (pos + T) // interval  # chunks [first_chunk, end_chunk) complete in this call
+
+        n_slots = n_raw = 0
+        if state is not None:
+            n_slots, n_raw = state.slots.shape[1], state.raw_k.shape[2]
+        h0 = state.h if state is not None and state.h.shape[1] > 0 else None
+        new_ctx, h_end = self.summarise(x, pos, h0)  # (B, end_chunk - first_chunk, d), (B, d)
+        if self.record_contexts:
+            self.last_contexts = new_ctx
+
+        # Slots: held ones from the ring, then those completed now; ids are contiguous.
+        old_first = max(0, first_chunk - n_slots)
+        old_ids = torch.arange(old_first, first_chunk)
+        old_ctx = state.slots[:, old_ids % n_slots].to(dtype) if len(old_ids) else new_ctx[:, :0]
+        ctx = torch.cat([old_ctx, new_ctx], dim=1)  # (B, S, d)
+        slot_k, slot_v = (
+            self.slot_kv_proj(self.context_norm(ctx))
+            .view(B, -1, 2, self.n_kv_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)  # (2, B, H_kv, S, D)
+        )
+        # Raw tokens: the held part of the current chunk's window, then the new tokens.
+        k_new, v_new = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        raw_first = max(first_chunk * interval, pos - self.local_window + 1, pos - n_raw)
+        held = torch.arange(raw_first, pos) % max(n_raw, 1)
+        raw_k = torch.cat([state.raw_k[:, :, held].to(dtype), k_new], dim=2) if len(held) else k_new
+        raw_v = torch.cat([state.raw_v[:, :, held].to(dtype), v_new], dim=2) if len(held) else v_new
+
+        slot_ids = torch.arange(old_first, end_chunk, device=device)
+        mask = self._mask(pos, T, slot_ids, torch.arange(raw_first, pos + T, device=device))
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(
+            q,
+            torch.cat([slot_k, raw_k], dim=2),  # (B, H_kv, S + R, D)
+            torch.cat([slot_v, raw_v], dim=2),
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_head,
+        )  # (B, H, T, D)
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_embd))
+
+        if state is not None:
+            self._update(state, pos, T, new_ctx, k_new, v_new, h_end)
+        return y, None
+
+    @torch.no_grad()
+    def _update(self, state: ContextState, pos: int, T: int, new_ctx, k_new, v_new, h_end) -> None:
+        """Keep what later queries need: the last slots, the window before pos+T, the recurrent state."""
+        interval, end = self.interval, pos + T
+        n_slots, n_raw = state.slots.shape[1], state.raw_k.shape[2]
+        first_chunk, end_chunk = pos // interval, end // interval
+        if n_slots:
+            ids = torch.arange(max(first_chunk, end_chunk - n_slots), end_chunk)
+            state.slots[:, ids % n_slots] = new_ctx[:, ids - first_chunk].to(state.slots.dtype)
+        if n_raw:
+            keep = torch.arange(max(end_chunk * interval, end - n_raw, pos), end)
+            state.raw_k[:, :, keep % n_raw] = k_new[:, :, keep - pos].to(state.raw_k.dtype)
+            state.raw_v[:, :, keep % n_raw] = v_new[:, :, keep - pos].to(state.raw_v.dtype)
+        if state.h.shape[1]:
+            state.h.copy_(h_end)
+
+
+def context_layers(model: nn.Module) -> list[ContextAttention]:
+    return [m for m in model.modules() if isinstance(m, ContextAttention)]
+
+
+def collect_contexts(model: nn.Module, idx: torch.Tensor) -> list[torch.Tensor]:
+    """Run model(idx) and return each Context-KV layer's context vectors (B, T // interval, context_dim),
+    with gradients, for the OACD loss of seed 001's phase 1 (`kvlab.losses.oacd_loss`)."""
+    layers = context_layers(model)
+    if not layers:
+        raise KvlabError(
+            "the model has no Context-KV layer; use attention kind='context' (e.g. 'context-32')"
+        )
+    for layer in layers:
+        layer.record_contexts = True
+    try:
+        model(idx)
+        contexts = [layer.last_contexts for layer in layers]
+    finally:
+        for layer in layers:
+            layer.record_contexts, layer.last_contexts = False, None
+    if any(c.shape[1] == 0 for c in contexts):
+        raise KvlabError(
+            f"input of {idx.shape[1]} tokens completes no context slot (interval "
+            f"{max(layer.interval for layer in layers)}); pass sequences at least one interval long"
+        )
+    return contexts
+
+
+def context_block_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters seed 001's phase 1 trains (and phase 2 freezes): every `context_block`."""
+    return [p for name, p in model.named_parameters() if ".context_block." in name]
