@@ -28,7 +28,10 @@ def bench(suite_name: str, out: str | Path, seeds: int | None = None, dry_run: b
         if (out / name).is_file():
             print(f"wrote {out / name}")
     if result.failed:
-        print(f"{len(result.failed)} cell(s) failed: " + "; ".join(f"{f['cell']}: {f['error']}" for f in result.failed))
+        print(
+            f"{len(result.failed)} cell(s) failed: "
+            + "; ".join(f"{f['cell']}: {f['error']}" for f in result.failed)
+        )
         return 1
     return 0
 
@@ -44,7 +47,8 @@ def register(sub) -> None:
         description=(
             "Run a benchmark suite: every method x regime x seed is a cell keyed by a hash of its resolved "
             "config under OUT/cells/; finished cells are reused, so an interrupted bench resumes. Writes "
-            f"OUT/results.json, OUT/results.md and OUT/pareto.png. Built-in suites: {', '.join(builtin_suites())}."
+            "OUT/results.json, OUT/results.md and OUT/pareto.png. "
+            f"Built-in suites: {', '.join(builtin_suites())}."
         ),
         epilog=(
             "examples:\n  kvlab bench                                  # cpu-demo, ~10 min on 2 cores\n"
@@ -53,7 +57,9 @@ def register(sub) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--suite", default=DEFAULT_SUITE, help=f"built-in suite name or a TOML file (default {DEFAULT_SUITE})")
+    p.add_argument(
+        "--suite", default=DEFAULT_SUITE, help=f"built-in suite name or a TOML file (default {DEFAULT_SUITE})"
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, budgets, KV bytes) and exit")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the suite's)")

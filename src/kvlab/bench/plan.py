@@ -7,7 +7,6 @@ the same model share one run. `format_plan` prints what a bench will do without 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -29,25 +28,24 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
 
 
-def resolve_train(fields: dict[str, Any]) -> dict[str, Any]:
-    """The full training config (defaults filled in) as a dict, so a changed default changes the hash."""
-    fields = dict(fields)
-    preset = fields.pop("preset", None)
-    try:
-        from kvlab.config import TrainConfig
-    except ImportError:  # training not available: hash the fields as written
-        return {**({"preset": preset} if preset else {}), **fields}
-    if preset is not None:
-        from kvlab.train import train_preset
+def resolve_train(fields: dict[str, Any], model_preset: str | None = None) -> dict[str, Any]:
+    """The full TrainConfig (defaults filled in) as a dict, so a changed default changes the hash.
 
-        base = train_preset(preset)
-    else:
-        base = TrainConfig()
+    Starts from `fields["preset"]` (a training preset) when given, else from the model preset's own
+    training preset when there is one, else from TrainConfig's defaults.
+    """
+    from kvlab.config import ConfigError, TrainConfig
+    from kvlab.train.presets import TRAIN_PRESETS
+
+    fields = dict(fields)
+    preset = fields.pop("preset", model_preset if model_preset in TRAIN_PRESETS else None)
+    if preset is not None and preset not in TRAIN_PRESETS:
+        raise SuiteError(f"train.preset={preset!r} unknown; choose one of {', '.join(TRAIN_PRESETS)}")
+    base = TRAIN_PRESETS[preset] if preset is not None else {}
     try:
-        return dataclasses.asdict(dataclasses.replace(base, **fields))
-    except TypeError as e:
-        known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
-        raise SuiteError(f"train fields {sorted(fields)}: {e}; known fields: {known}") from e
+        return TrainConfig.from_dict({**base, **fields}).to_dict()
+    except ConfigError as e:
+        raise SuiteError(f"train: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ class Cell:
     model: dict[str, Any]  # ModelConfig.to_dict()
     train: dict[str, Any]  # resolved TrainConfig fields, seed included
     data: dict[str, Any]  # kvlab.data.prepare arguments
-    heldout: str | None  # held-out corpus; None = the training corpus's held-out split
+    heldout: str  # held-out corpus: "heldout" = the training corpus's held-out split, or a corpus name
     train_key: str
     key: str
 
@@ -67,13 +65,18 @@ class Cell:
         return f"{self.method} | {self.regime} | seed {self.seed}"
 
     def config(self) -> dict[str, Any]:
-        return {"model": self.model, "train": self.train, "data": self.data, "eval": {"heldout": self.heldout}}
+        return {
+            "model": self.model,
+            "train": self.train,
+            "data": self.data,
+            "eval": {"heldout": self.heldout},
+        }
 
 
 def make_cell(suite: Suite, method: str, regime, seed: int) -> Cell:
     model = suite.model_config(method, regime).to_dict()
     try:
-        train = resolve_train({**suite.train, **regime.train, "seed": seed})
+        train = resolve_train({**suite.train, **regime.train, "seed": seed}, suite.model_preset)
     except SuiteError as e:
         raise SuiteError(f"{suite.source}: regime {regime.name!r}: {e}") from e
     data = dict(suite.data)
@@ -99,8 +102,11 @@ def plan_cells(suite: Suite) -> list[Cell]:
 def tokens_per_run(cell: Cell) -> int:
     """Training tokens of a cell's run: iterations x batch x accumulation x context."""
     t = cell.train
-    return int(t.get("max_iters", 0)) * int(t.get("batch_size", 1)) * int(t.get("grad_accum", 1)) * int(
-        cell.model["block_size"]
+    return (
+        int(t.get("max_iters", 0))
+        * int(t.get("batch_size", 1))
+        * int(t.get("grad_accum", 1))
+        * int(cell.model["block_size"])
     )
 
 
@@ -111,8 +117,14 @@ def method_kv_table(suite: Suite) -> list[dict[str, Any]]:
         cfg = suite.model_config(method, suite.regimes[0])
         with torch.device("meta"):
             model = GPT(cfg)
-        rows.append({"method": method, "kind": cfg.attention.kind, "params_M": model.num_params() / 1e6,
-                     **model.kv_metrics()})
+        rows.append(
+            {
+                "method": method,
+                "kind": cfg.attention.kind,
+                "params_M": model.num_params() / 1e6,
+                **model.kv_metrics(),
+            }
+        )
     return rows
 
 
@@ -133,7 +145,8 @@ def format_plan(suite: Suite, cells: list[Cell], out_dir: str | Path | None = No
     total_tokens = sum(tokens_per_run(c) for c in runs.values())
     lines = [
         f"suite {suite.name}: {suite.description}".rstrip(": "),
-        f"  {n_m} methods x {n_r} regimes x {n_s} seeds ({', '.join(map(str, suite.seeds))}) = {len(cells)} cells; "
+        f"  {n_m} methods x {n_r} regimes x {n_s} seeds ({', '.join(map(str, suite.seeds))}) "
+        f"= {len(cells)} cells; "
         f"{len(runs)} training runs, {_fmt_tokens(total_tokens)} training tokens in all",
         f"  model {suite.model_preset} {suite.model or ''}".rstrip(),
         f"  data {suite.data}",
@@ -148,10 +161,11 @@ def format_plan(suite: Suite, cells: list[Cell], out_dir: str | Path | None = No
         shared = run_names.setdefault(c.train_key, r.name)
         trains = "trains" if shared == r.name else f"reuses {shared}'s run"
         budget = (
-            f"{t.get('max_iters', '?')} iters x batch {t.get('batch_size', '?')} x accum {t.get('grad_accum', 1)}"
+            f"{t.get('max_iters', '?')} iters x batch {t.get('batch_size', '?')} "
+            f"x accum {t.get('grad_accum', 1)}"
             f" x ctx {c.model['block_size']} = {_fmt_tokens(tokens_per_run(c))} tokens"
         )
-        lines.append(f"  {r.name:<18} {trains:<28} {budget}; held-out: {r.heldout or 'training corpus'}")
+        lines.append(f"  {r.name:<18} {trains:<28} {budget}; held-out: {r.heldout}")
     lines += ["", "methods (analytic KV footprint at bf16, from the model on the meta device):"]
     columns = [
         ("method", "method", ""),
@@ -165,5 +179,9 @@ def format_plan(suite: Suite, cells: list[Cell], out_dir: str | Path | None = No
     ]
     lines += ["  " + line for line in format_table(method_kv_table(suite), columns).splitlines()]
     if out_dir is not None:
-        lines += ["", f"{len(done)} of {len(cells)} cells already finished in {out_dir}; {len(cells) - len(done)} to run"]
+        lines += [
+            "",
+            f"{len(done)} of {len(cells)} cells already finished in {out_dir}; "
+            f"{len(cells) - len(done)} to run",
+        ]
     return "\n".join(lines)

@@ -61,8 +61,10 @@ def aggregate(results: list[dict[str, Any]], methods: list[str], regimes: list[s
     rows = []
     for method in methods:
         for regime in regimes:
-            cells = sorted((r for r in results if r["method"] == method and r["regime"] == regime),
-                           key=lambda r: r["seed"])
+            cells = sorted(
+                (r for r in results if r["method"] == method and r["regime"] == regime),
+                key=lambda r: r["seed"],
+            )
             if not cells:
                 continue
             flats = [flatten_metrics(c["metrics"]) for c in cells]
@@ -75,16 +77,18 @@ def aggregate(results: list[dict[str, Any]], methods: list[str], regimes: list[s
             checks = [cache_check(f) for f in flats]
             config = {k: v for k, v in cells[0]["config"].items()}
             config["train"] = {k: v for k, v in config["train"].items() if k != "seed"}
-            rows.append({
-                "method": method,
-                "regime": regime,
-                "seeds": [c["seed"] for c in cells],
-                "n_seeds": len(cells),
-                "metrics": metrics,
-                "cache_bytes_match": None if None in checks else all(checks),
-                "cells": [c["key"] for c in cells],
-                "config": config,
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "regime": regime,
+                    "seeds": [c["seed"] for c in cells],
+                    "n_seeds": len(cells),
+                    "metrics": metrics,
+                    "cache_bytes_match": None if None in checks else all(checks),
+                    "cells": [c["key"] for c in cells],
+                    "config": config,
+                }
+            )
     return rows
 
 
@@ -103,7 +107,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def _fmt(stat: dict[str, float] | None, digits: int) -> str:
     if stat is None:
         return "–"
-    if stat.get("n", len(stat.get("values", [0]))) > 1:
+    values = stat.get("values", [])
+    if len(values) > 1 and len(set(values)) > 1:  # identical over seeds (KV bytes, ratios): no "± 0"
         return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
     return f"{stat['mean']:.{digits}f}"
 
@@ -127,8 +132,13 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list
         kind = first["config"]["model"]["attention"]["kind"]
         checks = [r["cache_bytes_match"] for r in present]
         check = "?" if None in checks else ("yes" if all(checks) else "**NO**")
-        cells = [m, kind, _fmt(first["metrics"].get("kv_bytes_per_token"), 0),
-                 _fmt(first["metrics"].get("kv_bytes_per_token_total"), 0), check]
+        cells = [
+            m,
+            kind,
+            _fmt(first["metrics"].get("kv_bytes_per_token"), 0),
+            _fmt(first["metrics"].get("kv_bytes_per_token_total"), 0),
+            check,
+        ]
         for reg in regimes:
             row = by.get((m, reg))
             for key, _, _ in REGIME_COLUMNS:
@@ -150,22 +160,29 @@ def details_tables(rows: list[dict[str, Any]], methods: list[str], regimes: list
             continue
         out += [f"### {reg}", "", "| Method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for r in rrows:
-            out.append(f"| {r['method']} | " + " | ".join(_fmt(r["metrics"].get(k), _digits(k)) for k in keys) + " |")
+            out.append(
+                f"| {r['method']} | " + " | ".join(_fmt(r["metrics"].get(k), _digits(k)) for k in keys) + " |"
+            )
         out.append("")
     return "\n".join(out)
 
 
 def pareto_regimes(suite: Suite, rows: list[dict[str, Any]]) -> list[str]:
     """Regimes with a held-out loss, the suite's pareto_regime first."""
-    names = [r.name for r in suite.regimes if any(x["regime"] == r.name and "heldout_loss" in x["metrics"]
-                                                  for x in rows)]
+    names = [
+        r.name
+        for r in suite.regimes
+        if any(x["regime"] == r.name and "heldout_loss" in x["metrics"] for x in rows)
+    ]
     if suite.pareto_regime in names:
         names.remove(suite.pareto_regime)
         names.insert(0, suite.pareto_regime)
     return names
 
 
-def plot_pareto(rows: list[dict[str, Any]], methods: list[str], regimes: list[str], path: Path, title: str) -> None:
+def plot_pareto(
+    rows: list[dict[str, Any]], methods: list[str], regimes: list[str], path: Path, title: str
+) -> None:
     """Held-out loss vs KV bytes/token (log x), one panel per regime, seed-spread error bars, frontier."""
     import matplotlib
 
@@ -179,22 +196,51 @@ def plot_pareto(rows: list[dict[str, Any]], methods: list[str], regimes: list[st
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.8 * nrow), squeeze=False)
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for ax, reg in zip(axes.flat, regimes):
-        pts = [(r["method"], r["metrics"]["kv_bytes_per_token"], r["metrics"]["heldout_loss"])
-               for m in methods for r in rows
-               if r["method"] == m and r["regime"] == reg and "heldout_loss" in r["metrics"]
-               and "kv_bytes_per_token" in r["metrics"]]
+        pts = [
+            (r["method"], r["metrics"]["kv_bytes_per_token"], r["metrics"]["heldout_loss"])
+            for m in methods
+            for r in rows
+            if r["method"] == m
+            and r["regime"] == reg
+            and "heldout_loss" in r["metrics"]
+            and "kv_bytes_per_token" in r["metrics"]
+        ]
         xs = [p[1]["mean"] for p in pts]
         ys = [p[2]["mean"] for p in pts]
         front = pareto_front(list(zip(xs, ys)))
-        ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="0.45", lw=1.5, zorder=1,
-                label="Pareto frontier")
+        ax.plot(
+            [xs[i] for i in front],
+            [ys[i] for i in front],
+            "--",
+            color="0.45",
+            lw=1.5,
+            zorder=1,
+            label="Pareto frontier",
+        )
         for i, (m, _, y) in enumerate(pts):
             on = i in front
-            ax.errorbar(xs[i], ys[i], yerr=y["std"], fmt="o", ms=9 if on else 7, capsize=4,
-                        color=colors[m], mec="black" if on else colors[m], mew=1.2, zorder=3)
+            ax.errorbar(
+                xs[i],
+                ys[i],
+                yerr=y["std"],
+                fmt="o",
+                ms=9 if on else 7,
+                capsize=4,
+                color=colors[m],
+                mec="black" if on else colors[m],
+                mew=1.2,
+                zorder=3,
+            )
             # alternate label sides so points at similar x do not print over each other
-            ax.annotate(m, (xs[i], ys[i]), xytext=(8, 8 if i % 2 == 0 else -14), textcoords="offset points",
-                        fontsize=10, fontweight="bold" if on else "normal", color="black")
+            ax.annotate(
+                m,
+                (xs[i], ys[i]),
+                xytext=(8, 8 if i % 2 == 0 else -14),
+                textcoords="offset points",
+                fontsize=10,
+                fontweight="bold" if on else "normal",
+                color="black",
+            )
         ax.set_xscale("log")
         ticks = sorted(set(xs))
         ax.xaxis.set_major_locator(FixedLocator(ticks))
@@ -207,7 +253,7 @@ def plot_pareto(rows: list[dict[str, Any]], methods: list[str], regimes: list[st
         ax.set_title(reg)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="upper right", fontsize=9)
-    for ax in list(axes.flat)[len(regimes):]:
+    for ax in list(axes.flat)[len(regimes) :]:
         ax.set_visible(False)
     fig.suptitle(f"{title}: quality vs KV memory (error bars: std over seeds; bold: on the frontier)")
     fig.tight_layout()
@@ -221,14 +267,16 @@ def write_reports(suite: Suite, results: list[dict[str, Any]], out_dir: str | Pa
     methods, regimes = list(suite.methods), [r.name for r in suite.regimes]
     rows = aggregate(results, methods, regimes)
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "pareto.png"}
-    write_json(paths["json"], {"suite": suite.name, "source": suite.source, "seeds": list(suite.seeds),
-                               "rows": rows})
+    write_json(
+        paths["json"], {"suite": suite.name, "source": suite.source, "seeds": list(suite.seeds), "rows": rows}
+    )
     seeds = ", ".join(map(str, suite.seeds))
     md = [
         f"# kvlab bench: {suite.name}",
         "",
         f"{suite.description}. Mean ± std over seeds ({seeds}); losses in nats/token; KV bytes at bf16 "
-        "(per layer: seed 000's kv_bytes_per_token). 'cache measured = analytic': cache.nbytes() after a real "
+        "(per layer: seed 000's kv_bytes_per_token). 'cache measured = analytic': cache.nbytes() after a "
+        "real "
         "prefill equals the analytic kv_cache_bytes in every seed.",
         "",
         markdown_table(rows, methods, regimes),

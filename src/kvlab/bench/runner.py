@@ -31,9 +31,11 @@ class Backend(Protocol):
 
     def prepare(self, data: dict[str, Any]) -> Path: ...
 
-    def train(self, model_cfg: ModelConfig, train_cfg: dict[str, Any], data_dir: Path, out_dir: Path) -> Path: ...
+    def train(
+        self, model_cfg: ModelConfig, train_cfg: dict[str, Any], data_dir: Path, out_dir: Path
+    ) -> Path: ...
 
-    def evaluate(self, run_dir: Path, heldout: str | None, data_dir: Path) -> dict[str, Any]: ...
+    def evaluate(self, run_dir: Path, heldout: str, data_dir: Path) -> dict[str, Any]: ...
 
 
 class KvlabBackend:
@@ -49,12 +51,21 @@ class KvlabBackend:
         from kvlab.train import train
 
         # resume=True: a run killed mid-way continues from its last checkpoint instead of restarting
-        return Path(train(model_cfg, TrainConfig(**train_cfg), data_dir, out_dir, resume=True))
+        return Path(
+            train(
+                model_cfg,
+                TrainConfig.from_dict(train_cfg),
+                data_dir,
+                out_dir,
+                resume=True,
+                progress=sys.stderr.isatty(),
+            )
+        )
 
-    def evaluate(self, run_dir: Path, heldout: str | None, data_dir: Path) -> dict[str, Any]:
+    def evaluate(self, run_dir: Path, heldout: str, data_dir: Path) -> dict[str, Any]:
         from kvlab.eval import evaluate
 
-        return evaluate(run_dir, heldout=[heldout] if heldout else [], data_dir=data_dir)
+        return evaluate(run_dir, heldout=[heldout])
 
 
 @dataclass
@@ -83,10 +94,20 @@ def run_bench(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(suite)
-    write_json(out_dir / "suite.json", {"name": suite.name, "source": suite.source, "seeds": list(suite.seeds),
-                                        "cells": [{"label": c.label, "key": c.key} for c in cells]})
+    write_json(
+        out_dir / "suite.json",
+        {
+            "name": suite.name,
+            "source": suite.source,
+            "seeds": list(suite.seeds),
+            "cells": [{"label": c.label, "key": c.key} for c in cells],
+        },
+    )
     todo = [c for c in cells if not (out_dir / "cells" / c.key / EVAL_FILE).is_file()]
-    log(f"bench {suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> {out_dir}")
+    log(
+        f"bench {suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
+        f"{len(todo)} to run -> {out_dir}"
+    )
     result = BenchResult(out_dir=out_dir, results=[])
     data_dir = backend.prepare(suite.data) if todo else None
     start = time.perf_counter()

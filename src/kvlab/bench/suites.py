@@ -46,7 +46,7 @@ class Regime:
     name: str
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. block_size
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
-    heldout: str | None = None  # held-out corpus name; None = the training corpus's own held-out split
+    heldout: str = "heldout"  # corpus scored: "heldout" = the training corpus's held-out split, or a name
     description: str = ""
 
 
@@ -76,7 +76,7 @@ class Suite:
         try:
             return ModelConfig.preset(self.model_preset, **overrides)
         except ConfigError as e:
-            raise SuiteError(f"{self.source}: method {method!r} in regime {regime.name!r}: {e}") from e
+            raise SuiteError(f"{self.source}: methods.{method} in regime {regime.name!r}: {e}") from e
 
 
 def builtin_suites() -> list[str]:
@@ -88,14 +88,19 @@ def load_suite(name_or_path: str | Path = DEFAULT_SUITE) -> Suite:
     path = Path(name_or_path)
     if not path.is_file():
         if str(name_or_path).endswith(".toml") or path.parent != Path("."):
-            raise SuiteError(f"suite file {path} not found; pass a TOML file or one of: {', '.join(builtin_suites())}")
+            raise SuiteError(
+                f"suite file {path} not found; pass a TOML file or one of: {', '.join(builtin_suites())}"
+            )
         path = SUITES_DIR / f"{name_or_path}.toml"
         if not path.is_file():
             raise SuiteError(
-                f"unknown suite {str(name_or_path)!r}; choose one of {', '.join(builtin_suites())} or pass a .toml file"
+                f"unknown suite {str(name_or_path)!r}; choose one of {', '.join(builtin_suites())} "
+                "or pass a .toml file"
             )
     if tomllib is None:  # pragma: no cover - 3.10 without tomli
-        raise SuiteError("reading suites needs tomllib (Python >= 3.11) or `pip install tomli` on Python 3.10")
+        raise SuiteError(
+            "reading suites needs tomllib (Python >= 3.11) or `pip install tomli` on Python 3.10"
+        )
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -158,15 +163,15 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
                 methods[mname] = AttentionConfig.from_dict(spec)
             else:
                 raise fail(
-                    f"methods.{mname}={spec!r} must be an attention preset name (\"gqa\") or a table of "
-                    "AttentionConfig fields ({ kind = \"gqa\", n_kv_heads = 2 })"
+                    f'methods.{mname}={spec!r} must be an attention preset name ("gqa") or a table of '
+                    'AttentionConfig fields ({ kind = "gqa", n_kv_heads = 2 })'
                 )
         except ConfigError as e:
             raise fail(f"methods.{mname}: {e}") from e
 
     regimes_raw = table(raw, "regimes", "")
     if not regimes_raw:
-        raise fail('no [regimes]; add at least one, e.g. [regimes.train] heldout = "default"')
+        raise fail('no [regimes]; add at least one, e.g. [regimes.train] heldout = "heldout"')
     regimes = []
     for rname, r in regimes_raw.items():
         if not isinstance(r, dict):
@@ -176,15 +181,15 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
             if not isinstance(r.get(sub, {}), dict):
                 raise fail(f"regimes.{rname}.{sub} must be a table of overrides, got {r[sub]!r}")
         _reject_unknown(r.get("model", {}), known_model - {"attention"}, f"regimes.{rname}.model.", fail)
-        heldout = r.get("heldout")
-        if heldout is not None and not isinstance(heldout, str):
+        heldout = r.get("heldout", "heldout")
+        if not isinstance(heldout, str) or not heldout:
             raise fail(f"regimes.{rname}.heldout={heldout!r} must be a corpus name (a string)")
         regimes.append(
             Regime(
                 name=rname,
                 model=dict(r.get("model", {})),
                 train=dict(r.get("train", {})),
-                heldout=None if heldout in (None, "default") else heldout,
+                heldout=heldout,
                 description=str(r.get("description", "")),
             )
         )
@@ -214,4 +219,6 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
 def _reject_unknown(d: dict, known: set[str], where: str, fail) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
-        raise fail(f"unknown field(s) {', '.join(where + k for k in unknown)}; known: {', '.join(sorted(known))}")
+        raise fail(
+            f"unknown field(s) {', '.join(where + k for k in unknown)}; known: {', '.join(sorted(known))}"
+        )

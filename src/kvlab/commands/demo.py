@@ -27,8 +27,9 @@ def register(sub) -> None:
         "demo",
         help="offline end-to-end demo: prepare data, bench every KV structure on CPU, print table + plot",
         description=(
-            "Prepare the default offline corpus, train and evaluate the cpu-demo suite (every KV structure on "
-            "cpu-tiny, 2 seeds, about 10 minutes on 2 cores), then print the results table and the plot's path. "
+            "Prepare the default offline corpus, train and evaluate the cpu-demo suite (every KV structure "
+            "on cpu-tiny, 2 seeds, about 10 minutes on 2 cores), then print the results table and the plot's "
+            "path. "
             "Rerunning reuses finished cells."
         ),
         epilog="example: kvlab demo --out bench_out",
