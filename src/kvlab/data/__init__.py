@@ -6,7 +6,7 @@ or the Hugging Face hub when reachable; see corpora.py, files.py, tokenizers.py 
 
 from kvlab.data.corpora import CORPORA, Corpus, Document, load_corpus, load_documents, split_documents
 from kvlab.data.fetch import DataError, data_root
-from kvlab.data.prepare import (
+from kvlab.data.tokenfiles import (
     check_compatible,
     check_split_length,
     dataset_dir,

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from kvlab.data.corpora import CORPORA, SPLITS
-from kvlab.data.prepare import prepare, read_meta
+from kvlab.data.tokenfiles import prepare, read_meta
 
 
 def run_prepare(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 A corpus is a list of `Document(title, text)`; a split holds WHOLE documents so training and evaluation
 never share text. Corpora with their own splits (WikiText) keep them; the others are split
-deterministically by a hash of each title (so adding a document never moves another one).
+deterministically, visiting documents in the order of a hash of their titles (not of file order).
 """
 
 from __future__ import annotations
@@ -200,39 +200,53 @@ def corpus_name(corpus_or_path: str | Path) -> str:
     return f"{stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:6]}"
 
 
-def load_corpus(corpus_or_path: str | Path = "shakespeare", root: str | Path | None = None) -> Corpus:
-    """A named corpus (see CORPORA) or a local path, with its train/val/heldout splits of whole documents."""
-    root = Path(root) if root is not None else data_root()
+def _load_raw(corpus_or_path: str | Path, root: Path):
+    """(documents or native splits, source, license) of a registry corpus or a local path."""
     key = str(corpus_or_path)
     if key in CORPORA:
         spec = CORPORA[key]
-        loaded, source, license = spec.load(root), spec.source, spec.license
-    else:
-        path = Path(corpus_or_path).expanduser()
-        if not path.exists():
-            known = ", ".join(CORPORA)
-            if path.suffix or "/" in key or "\\" in key:
-                raise DataError(
-                    f"corpus file {path} does not exist; pass an existing .txt/.parquet file or folder"
-                )
+        return spec.load(root), spec.source, spec.license
+    path = Path(corpus_or_path).expanduser()
+    if not path.exists():
+        if path.suffix or "/" in key or "\\" in key:
             raise DataError(
-                f"unknown corpus {key!r}; known corpora: {known}, or a path to a .txt file or folder"
+                f"corpus file {path} does not exist; pass an existing .txt/.parquet file or folder"
             )
-        from kvlab.data.files import load_local
+        known = ", ".join(CORPORA)
+        raise DataError(f"unknown corpus {key!r}; known corpora: {known}, or a path to a .txt file or folder")
+    from kvlab.data.files import load_local
 
-        loaded, source, license = load_local(path), f"local {path.resolve()}", "unknown (local files)"
-    if isinstance(loaded, dict) and "all" in loaded:
+    return load_local(path), f"local {path.resolve()}", "unknown (local files)"
+
+
+def load_corpus(corpus_or_path: str | Path = "shakespeare", root: str | Path | None = None) -> Corpus:
+    """A named corpus (see CORPORA) or a local path, with its train/val/heldout splits of whole documents."""
+    root = Path(root) if root is not None else data_root()
+    loaded, source, license = _load_raw(corpus_or_path, root)
+    if isinstance(loaded, dict) and set(loaded) == {"all"}:
         loaded = loaded["all"]
-    splits = loaded if isinstance(loaded, dict) else split_documents(loaded)
-    return Corpus(corpus_name(corpus_or_path), source, license, {s: splits.get(s, []) for s in SPLITS})
+    if isinstance(loaded, dict):  # native splits; documents in an unnamed file ("all") count as train
+        splits = {s: loaded.get(s, []) + (loaded.get("all", []) if s == "train" else []) for s in SPLITS}
+        missing = [s for s in ("val", "heldout") if not splits[s]]
+        if splits["train"] and missing:  # e.g. only train files: hold out whole train documents instead
+            carved = split_documents(splits["train"])
+            splits["train"] = carved["train"] + [
+                d for s in ("val", "heldout") if s not in missing for d in carved[s]
+            ]
+            splits.update({s: carved[s] for s in missing})
+    else:
+        splits = split_documents(loaded)
+    return Corpus(corpus_name(corpus_or_path), source, license, splits)
 
 
 def load_documents(
     corpus_or_path: str | Path = "shakespeare", split: str = "all", root: str | Path | None = None
 ) -> list[str]:
-    """Raw document texts of a corpus: one split ("train", "val", "heldout") or all of them ("all")."""
+    """Raw document texts of a corpus: one split ("train", "val", "heldout") or every document ("all")."""
     if split not in (*SPLITS, "all"):
         raise DataError(f"split={split!r} is not one of {', '.join(SPLITS)} or all")
-    corpus = load_corpus(corpus_or_path, root)
-    names = SPLITS if split == "all" else (split,)
-    return [d.text for s in names for d in corpus.splits[s]]
+    if split == "all":  # no splitting needed (and none possible for a corpus of one or two documents)
+        loaded, _, _ = _load_raw(corpus_or_path, Path(root) if root is not None else data_root())
+        docs = [d for v in loaded.values() for d in v] if isinstance(loaded, dict) else loaded
+        return [d.text for d in docs]
+    return [d.text for d in load_corpus(corpus_or_path, root).splits[split]]

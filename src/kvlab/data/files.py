@@ -20,7 +20,6 @@ from kvlab.data.fetch import DataError
 TABULAR = (".parquet", ".arrow", ".jsonl", ".json")
 # " = Valkyria Chronicles III = " starts an article; " = = Gameplay = = " is a section inside it
 WIKITEXT_HEADING = re.compile(r"^ = [^=].* = \n?$")
-SPLIT_BY_FILE_NAME = (("train", "train"), ("valid", "val"), ("dev", "val"), ("test", "heldout"))
 
 
 def group_wikitext(rows: list[str]) -> list[Document]:
@@ -44,35 +43,53 @@ def rows_to_documents(rows: list[str], name: str) -> list[Document]:
     return [Document(f"{name}[{i}]", r) for i, r in enumerate(rows) if r.strip()]
 
 
-def _read_text_column(path: Path) -> list[str]:
-    import datasets  # lazy: heavy import, only needed for tabular files
+def _split_of(path: Path) -> str:
+    """train-0000.parquet -> train, wiki.valid.arrow -> val, lambada_test_en.jsonl -> heldout, else all."""
+    m = re.search(r"(?:^|[^a-z])(train|valid|validation|val|dev|test)(?:[^a-z]|$)", path.name.lower())
+    return {"train": "train", "test": "heldout"}.get(m.group(1), "val") if m else "all"
 
+
+def _read_text_column(path: Path) -> list[str]:
+    """The "text" column of a parquet, arrow (HF cache stream or IPC file) or JSON-lines file."""
+    try:
+        import pyarrow as pa
+        import pyarrow.json as pa_json
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError(f"reading {path} needs pyarrow; pip install pyarrow (or kvlab[hf])") from e
     try:
         if path.suffix == ".parquet":
-            ds = datasets.Dataset.from_parquet(str(path))
+            table = pq.read_table(path, columns=None)
         elif path.suffix == ".arrow":
-            ds = datasets.Dataset.from_file(str(path))
+            with pa.memory_map(str(path)) as source:
+                try:
+                    table = pa.ipc.open_stream(source).read_all()
+                except pa.ArrowInvalid:
+                    source.seek(0)
+                    table = pa.ipc.open_file(source).read_all()
         else:
-            ds = datasets.Dataset.from_json(str(path))
-    except Exception as e:  # corrupt or foreign file: one clear line
+            table = pa_json.read_json(path)
+    except (pa.ArrowException, OSError) as e:  # corrupt or foreign file: one clear line
         raise DataError(f"could not read {path} as {path.suffix[1:]} ({type(e).__name__}: {e})") from e
-    if "text" not in ds.column_names:
-        raise DataError(f"{path} has columns {ds.column_names}; kvlab needs a 'text' column")
-    return list(ds["text"])
+    if "text" not in table.column_names:
+        raise DataError(f"{path} has columns {table.column_names}; kvlab needs a 'text' column")
+    return table.column("text").to_pylist()
 
 
 def load_local(path: Path) -> list[Document] | dict[str, list[Document]]:
-    """Documents of a local file or folder; a folder of split-named tabular files returns its splits."""
+    """Documents of a local file or folder; split-named tabular files (train-*, test-*) give their splits."""
     if path.is_file():
         if path.suffix in TABULAR:
-            return rows_to_documents(_read_text_column(path), path.stem)
+            docs = rows_to_documents(_read_text_column(path), path.stem)
+            split = _split_of(path)
+            return docs if split == "all" else {split: docs}
         return [Document(path.stem, clean_text(path.read_text(encoding="utf-8", errors="replace")))]
     tables = sorted(p for p in path.rglob("*") if p.suffix in TABULAR and p.is_file())
     if tables:
         splits: dict[str, list[Document]] = {}
         for table in tables:
-            split = next((s for key, s in SPLIT_BY_FILE_NAME if key in table.name.lower()), "all")
-            splits.setdefault(split, []).extend(rows_to_documents(_read_text_column(table), table.stem))
+            docs = rows_to_documents(_read_text_column(table), table.stem)
+            splits.setdefault(_split_of(table), []).extend(docs)
         return splits if set(splits) != {"all"} else splits["all"]
     texts = sorted(p for p in path.rglob("*.txt") if p.is_file())
     if not texts:
