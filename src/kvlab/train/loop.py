@@ -132,15 +132,26 @@ def train(
     ctx = init_distributed(train_cfg.device)
     try:
         return _train(
-            ctx, model_cfg, train_cfg, Path(data_dir), Path(out_dir), resume, loss_terms, teacher,
-            init_from, trainable, progress, list(hooks),
+            ctx,
+            model_cfg,
+            train_cfg,
+            Path(data_dir),
+            Path(out_dir),
+            resume,
+            loss_terms,
+            teacher,
+            init_from,
+            trainable,
+            progress,
+            list(hooks),
         )
     finally:
         ctx.close()
 
 
-def _train(ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, init_from, trainable,
-           progress, hooks) -> Path:
+def _train(
+    ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, init_from, trainable, progress, hooks
+) -> Path:
     device = resolve_device(cfg.device, ctx)
     autocast, amp_dtype = _autocast(device, cfg.dtype)
     meta = read_meta(data_dir)
@@ -166,7 +177,9 @@ def _train(ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, 
         try:
             model.load_state_dict(source.state_dict())
         except RuntimeError as e:
-            raise KvlabError(f"init_from weights do not fit the model config: {str(e).splitlines()[0]}") from e
+            raise KvlabError(
+                f"init_from weights do not fit the model config: {str(e).splitlines()[0]}"
+            ) from e
         del source
     trainable_names = select_trainable(model, trainable)
     model.to(device)
@@ -175,8 +188,10 @@ def _train(ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, 
     hook_gen = torch.Generator().manual_seed(cfg.seed + HOOK_SEED_OFFSET)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-    terms = list(loss_terms) if loss_terms is not None else (
-        distillation_terms(teacher) if teacher is not None else default_terms()
+    terms = (
+        list(loss_terms)
+        if loss_terms is not None
+        else (distillation_terms(teacher) if teacher is not None else default_terms())
     )
 
     step, elapsed_before, best_val, last_val = 0, 0.0, math.inf, None
@@ -186,8 +201,9 @@ def _train(ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, 
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
+            reason = str(e).splitlines()[0]
             raise CheckpointError(
-                f"{run_dir / ckpt.RESUME_FILE} does not match this model/train config ({str(e).splitlines()[0]})"
+                f"{run_dir / ckpt.RESUME_FILE} does not match this model/train config ({reason})"
             ) from e
         ckpt.restore_rng_states(state["rng"], batch_gen, hook_gen)
         step, elapsed_before = state["step"], state["elapsed_s"]
@@ -202,9 +218,14 @@ def _train(ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, 
 
     extra = {
         "train": cfg.to_dict(),
-        "data": {"dir": str(data_dir.resolve()), **{k: v for k, v in meta.items() if not isinstance(v, dict)}},
+        "data": {
+            "dir": str(data_dir.resolve()),
+            **{k: v for k, v in meta.items() if not isinstance(v, dict)},
+        },
         "run": {
-            "world_size": ctx.world, "device": str(device), "autocast_dtype": amp_dtype,
+            "world_size": ctx.world,
+            "device": str(device),
+            "autocast_dtype": amp_dtype,
             "loss_terms": [{"name": t.name, "weight": t.weight} for t in terms],
             "trainable": None if trainable is None else trainable_names,
             "init_from": None if init_from is None or isinstance(init_from, nn.Module) else str(init_from),
@@ -222,8 +243,14 @@ def _train(ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, 
         )
     writer = _tensorboard(run_dir, cfg.tensorboard) if ctx.is_main else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * T
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not (progress and ctx.is_main), unit="step",
-               dynamic_ncols=True, desc=run_dir.name)
+    bar = tqdm(
+        total=cfg.max_iters,
+        initial=step,
+        disable=not (progress and ctx.is_main),
+        unit="step",
+        dynamic_ncols=True,
+        desc=run_dir.name,
+    )
 
     # ---- the loop ------------------------------------------------------------------------------
     model.train()
@@ -254,7 +281,9 @@ def _train(ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, 
             optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(_diverged_message("train loss", loss_value, step, run_dir, last_val, cfg))
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in raw_model.parameters() if p.requires_grad], cfg.grad_clip
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -262,7 +291,9 @@ def _train(ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, 
         bar.update(1)
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             dt = time.perf_counter() - window_t0
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{len(window_losses) * tokens_per_step / dt:.0f}")
+            bar.set_postfix(
+                loss=f"{loss_value:.3f}", tok_s=f"{len(window_losses) * tokens_per_step / dt:.0f}"
+            )
         if step % cfg.eval_interval and step != cfg.max_iters:
             continue
 
@@ -285,15 +316,18 @@ def _train(ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, 
             # metrics first: a kill before the checkpoint leaves a line that resume drops again
             ckpt.append_metrics(run_dir, record)
             save_model(run_dir, raw_model, extra)
-            ckpt.save_resume_state(run_dir, {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "rng": ckpt.rng_states(batch_gen, hook_gen),
-                "val_loss": val,
-                "best_val_loss": best_val,
-                "elapsed_s": record["elapsed_s"],
-            })
+            ckpt.save_resume_state(
+                run_dir,
+                {
+                    "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "rng": ckpt.rng_states(batch_gen, hook_gen),
+                    "val_loss": val,
+                    "best_val_loss": best_val,
+                    "elapsed_s": record["elapsed_s"],
+                },
+            )
             if writer is not None:
                 for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
                     writer.add_scalar(key, record[key], step)

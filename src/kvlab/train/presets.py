@@ -12,9 +12,13 @@ from kvlab.config import MODEL_PRESETS, ConfigError, TrainConfig
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Seed 000 / nanoGPT: 5000 iters x batch 12 x grad_accum 5 x 1024 tokens (~307M tokens), lr 6e-4.
-    "gpt2-124m": dict(max_iters=5000, eval_interval=250, eval_iters=200, batch_size=12, grad_accum=5, lr=6e-4),
+    "gpt2-124m": dict(
+        max_iters=5000, eval_interval=250, eval_iters=200, batch_size=12, grad_accum=5, lr=6e-4
+    ),
     # seed 000's 345M runs used lr 3e-4 (and ~7B tokens over 2 GPUs); the budget here is the 124M one.
-    "gpt2-345m": dict(max_iters=5000, eval_interval=250, eval_iters=200, batch_size=12, grad_accum=5, lr=3e-4),
+    "gpt2-345m": dict(
+        max_iters=5000, eval_interval=250, eval_iters=200, batch_size=12, grad_accum=5, lr=3e-4
+    ),
     # A small model tolerates a high peak lr; short runs need it to get anywhere in a few hundred steps.
     "cpu-tiny": dict(
         max_iters=300, eval_interval=100, eval_iters=20, log_interval=10, batch_size=16, grad_accum=1, lr=3e-3

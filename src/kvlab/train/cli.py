@@ -1,0 +1,121 @@
+"""`kvlab train`: train a model preset with an attention structure into a run directory.
+
+Builds ModelConfig/TrainConfig from --preset, --attention and --set overrides (nanoGPT names), finds or
+prepares the dataset, and calls `kvlab.train.train`. With --resume the run's config.json is the base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kvlab.checkpoint import read_config
+from kvlab.config import MODEL_PRESETS, AttentionConfig, ConfigError, ModelConfig, TrainConfig
+from kvlab.errors import KvlabError
+
+EXAMPLES = """examples:
+  kvlab train --preset cpu-tiny --attention gqa --out runs/gqa
+  kvlab train --preset cpu-tiny --attention mla --out runs/mla --set train.max_iters=200 model.n_layer=2
+  kvlab train --preset cpu-tiny --attention mha --out runs/mqa --set attention.n_kv_heads=1
+  kvlab train --preset cpu-tiny --attention gqa --out runs/gqa --resume      # continue after a kill
+  kvlab train --preset cpu-tiny --attention cla2 --out runs/cla2 --corpus sotu --tokenizer bpe-8k
+  kvlab train --preset gpt2-124m --attention gqa --out runs/g --data ~/.cache/kvlab/datasets/DIR
+  torchrun --nproc_per_node 2 -m kvlab.cli train --preset cpu-tiny --attention gqa --out runs/ddp
+
+--set keys: train.max_iters train.eval_interval train.eval_iters train.batch_size train.grad_accum
+  train.lr train.seed train.device train.dtype train.compile ..., model.<ModelConfig field>,
+  attention.<AttentionConfig field> (values are JSON where they parse, else strings)."""
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """["train.lr=1e-3", "attention.kv_share=every:2"] -> {"train": {"lr": 0.001}, "attention": {...}}."""
+    out: dict[str, dict[str, Any]] = {"train": {}, "model": {}, "attention": {}}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in out or not name:
+            raise ConfigError(
+                f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION train, model or attention "
+                "(e.g. train.max_iters=200)"
+            )
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # bare strings: every:2, cpu, bfloat16
+        out[section][name] = value
+    return out
+
+
+def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path | None]:
+    """The resolved configs and the dataset dir (None: prepare the default corpus)."""
+    from kvlab.train.presets import train_preset
+
+    sets = parse_sets(args.set or [])
+    data = Path(args.data) if args.data else None
+    if args.resume and (Path(args.out) / "config.json").is_file():
+        saved = read_config(args.out)
+        model_d = dict(saved["model"])
+        train_d = dict(saved.get("train", {}))
+        data = data or (Path(saved["data"]["dir"]) if saved.get("data", {}).get("dir") else None)
+        attention = AttentionConfig.from_dict(model_d.pop("attention"))
+    else:
+        if args.preset not in MODEL_PRESETS:
+            raise ConfigError(f"unknown --preset {args.preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        model_d = dict(MODEL_PRESETS[args.preset])
+        train_d = train_preset(args.preset).to_dict()
+        base = ModelConfig.preset(args.preset, **{**sets["model"], "attention": args.attention})
+        attention = base.attention
+    model_d.update(sets["model"])
+    attention = AttentionConfig.from_dict({**attention.to_dict(), **sets["attention"]})
+    model_cfg = ModelConfig.from_dict({**model_d, "attention": attention})
+    train_cfg = TrainConfig.from_dict({**train_d, **sets["train"]})
+    return model_cfg, train_cfg, data
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.train.loop import train
+
+    model_cfg, train_cfg, data = build_configs(args)
+    if data is None:
+        try:
+            from kvlab.data import prepare
+        except ImportError as e:
+            raise KvlabError("no --data given and kvlab.data is unavailable; pass --data DATASET_DIR") from e
+        data = prepare(args.corpus, args.tokenizer, verbose=args.progress)
+    run_dir = train(model_cfg, train_cfg, data, args.out, resume=args.resume, progress=args.progress)
+    from kvlab.train.checkpointing import read_metrics
+
+    metrics = read_metrics(run_dir)
+    if metrics:
+        last = metrics[-1]
+        print(
+            f"{run_dir}: step {last['step']}, val_loss {last['val_loss']:.4f}, "
+            f"{last['tokens_per_s']:.0f} tokens/s"
+        )
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model with a KV structure (single process or under torchrun)",
+        description="The seed-000 training loop: AdamW (0.9, 0.95), decay 0.1 on 2-D weights, clip 1.0, "
+        "4% warmup then cosine to lr/10. Writes config.json, metrics.jsonl, model.safetensors and a "
+        "resume state at every evaluation.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default="cpu-tiny", help=f"model preset: {', '.join(MODEL_PRESETS)}")
+    p.add_argument(
+        "--attention", default="mha", help="attention preset: mha, gqa, mqa, mla, cla2, mlkv-N, ..."
+    )
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--data", help="dataset directory (from `kvlab data prepare`); default: prepare --corpus")
+    p.add_argument("--corpus", default="shakespeare", help="corpus to prepare when --data is not given")
+    p.add_argument("--tokenizer", default="bpe-8k", help="tokenizer to prepare with when --data is not given")
+    p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config fields")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
