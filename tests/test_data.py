@@ -270,6 +270,16 @@ def test_errors_are_clear(tmp_path, corpus_dir):
         check_compatible(meta, 50304, tokenizer="gpt2")
 
 
+def test_unreachable_hub_says_to_pass_a_local_path(tmp_path, monkeypatch):
+    from kvlab.data import files
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(files, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(DataError, match="hub is unreachable, so Salesforce/wikitext .*pass a local path"):
+        load_documents("wikitext-2", split="heldout", root=tmp_path)
+
+
 def test_open_split_refuses_empty_and_too_short(prepared):
     n = read_meta(prepared)["splits"]["val"]["tokens"]
     with pytest.raises(DataError, match=rf"split 'val' has {n} tokens; need at least block_size\+1={n + 1}"):
