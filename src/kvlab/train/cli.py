@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.train.checkpointing import read_metrics
 
     metrics = read_metrics(run_dir)
-    if metrics:
+    if metrics and os.environ.get("RANK", "0") == "0":  # torchrun: one summary, from rank 0
         last = metrics[-1]
         print(
             f"{run_dir}: step {last['step']}, val_loss {last['val_loss']:.4f}, "
