@@ -1,0 +1,401 @@
+"""MatryoshkaKV (seed 003): grouped KV whose heads are rotated by trainable orthogonal matrices and
+truncated to nested ranks, set per layer, per KV head and separately for K and V at inference.
+
+Owns the structure (`MatryoshkaAttention`), its cache layout (one unpadded coefficient tensor per head
+and K/V) and the rank-assignment API a trainer and a rank search use (`get_ranks`, `set_ranks`,
+`sample_ranks_`, `ranks_config`), plus PCA initialisation from calibration text (`pca_init_`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from kvlab.attention.base import Payload, TensorState, causal_attention, register
+from kvlab.attention.grouped import GroupedAttention
+from kvlab.cache import CacheError
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig, _divisors
+
+RankSpec = int | Sequence[int | Sequence[int]]
+
+
+def cayley(skew_param: torch.Tensor) -> torch.Tensor:
+    """Orthogonal (..., D, D) from an unconstrained (..., D, D): A = W - W^T, Q = (I - A)^-1 (I + A).
+
+    The Cayley map is smooth and exactly orthogonal for any W (I - A is invertible since A is skew), and
+    maps W = 0 to the identity. Solved in float32 so bf16 autocast cannot break orthogonality.
+    """
+    w = skew_param.float()
+    a = w - w.transpose(-1, -2)
+    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype).expand_as(a)
+    return torch.linalg.solve(eye - a, eye + a)
+
+
+class MatryoshkaState(TensorState):
+    """Per-head coefficient buffers "k0".."k{H-1}", "v0".."v{H-1}", each (B, max_len, r_h), no padding.
+
+    Remembers the ranks it was built for: changing ranks after creating the cache is a user mistake.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], k_ranks: list[int], v_ranks: list[int]):
+        super().__init__(tensors, time_dim=1)
+        self.k_ranks, self.v_ranks = list(k_ranks), list(v_ranks)
+
+
+@register("matryoshka")
+class MatryoshkaAttention(GroupedAttention):
+    """Grouped KV + per-head orthogonal U_k, U_v (D x D) and trainable means mu_k, mu_v (D).
+
+    Head h caches c_k = (k - mu_k) @ U_k[:, :r_k] and c_v = (v - mu_v) @ U_v[:, :r_v]. Reading them back
+    needs no reconstruction of past keys: q·k ≈ (q @ U_k[:, :r]) · c_k + q·mu_k, and q·mu_k is the same
+    for every key so softmax drops it; sum_j p_j v_j ≈ (p @ c_v) @ U_v[:, :r]^T + mu_v since rows of p sum
+    to 1. U = base @ cayley(skew): base is identity (or PCA eigenvectors), skew starts at zero, so a
+    fresh layer at full rank equals plain grouped attention. q_proj/kv_proj/c_proj keep GQA's names, so a
+    GQA state dict loads into this layer with only the projection parameters added.
+    """
+
+    def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
+        super().__init__(cfg, model_cfg, layer_idx, owns_kv)
+        H, D = self.n_kv_heads, self.head_dim
+        self.k_ranks, self.v_ranks = _config_ranks(cfg, H, D)
+        # Persistent buffer: a PCA-initialised basis is part of the model and must survive save/load.
+        self.register_buffer("k_base", torch.eye(D).repeat(H, 1, 1))  # (H_kv, D, D)
+        self.register_buffer("v_base", torch.eye(D).repeat(H, 1, 1))  # (H_kv, D, D)
+        self.k_skew = nn.Parameter(torch.zeros(H, D, D))  # Cayley generator of the trained rotation
+        self.v_skew = nn.Parameter(torch.zeros(H, D, D))
+        self.k_mean = nn.Parameter(torch.zeros(H, D))  # mean-centring before projection (seed 003)
+        self.v_mean = nn.Parameter(torch.zeros(H, D))
+        self._bases_cache: tuple | None = None  # (parameter versions, (U_k, U_v)) for inference
+
+    # ---- configuration --------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, cfg: AttentionConfig, model_cfg: ModelConfig) -> None:
+        n = cfg.n_kv_heads
+        if n is not None and (n <= 0 or model_cfg.n_head % n):
+            raise ConfigError(
+                f"n_kv_heads={n} must divide n_head={model_cfg.n_head}; try {_divisors(model_cfg.n_head)}"
+            )
+        unused = ("kv_rank", "rope_dim", "q_rank", "interval", "max_contexts", "local_window", "context_dim")
+        for name in unused:
+            if getattr(cfg, name) is not None:
+                raise ConfigError(
+                    f"{name} is not used by kind='matryoshka'; remove it or pick the kind that uses it"
+                )
+        _config_ranks(cfg, n or model_cfg.n_head, model_cfg.head_dim)
+        att = model_cfg.attention
+        if isinstance(att, AttentionConfig):
+            owners = att.owners(model_cfg.n_layer)
+            for i, o in enumerate(owners):
+                if o != i and att.for_layer(i).kind == "matryoshka":
+                    raise ConfigError(
+                        f"kv_share makes layer {i} borrow layer {o}'s KV, but kind='matryoshka' layers must "
+                        "own their KV (the coefficients are only readable with the owner's projection); "
+                        "use kv_share='none' or another kind for shared layers"
+                    )
+
+    def reset_parameters(self) -> None:
+        """Identity rotation and zero means: the layer equals plain grouped attention at full rank."""
+        with torch.no_grad():
+            for name in ("k", "v"):
+                getattr(self, f"{name}_base").copy_(torch.eye(self.head_dim).expand_as(self.k_base))
+                getattr(self, f"{name}_skew").zero_()
+                getattr(self, f"{name}_mean").zero_()
+
+    # ---- projections ----------------------------------------------------------------------------
+    def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """U_k, U_v: (H_kv, D, D) orthogonal, columns ordered by importance (rank r keeps the first r)."""
+        tensors = (self.k_base, self.v_base, self.k_skew, self.v_skew)
+        # Training rebuilds so gradients reach skew; so do parameters made under inference_mode, which
+        # have no version counter to tell us they changed.
+        if torch.is_grad_enabled() or any(t.is_inference() for t in tensors):
+            return self._compute_bases()
+        # Inference: the Cayley solve costs more than a decode step's attention, so reuse it until a
+        # parameter is replaced or written in place (optimizer step, load_state_dict, .to()).
+        key = tuple((id(t), t._version, t.device, t.dtype) for t in tensors)
+        if self._bases_cache is None or self._bases_cache[0] != key:
+            self._bases_cache = (key, self._compute_bases())
+        return self._bases_cache[1]
+
+    def _compute_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        u_k = self.k_base.float() @ cayley(self.k_skew)
+        u_v = self.v_base.float() @ cayley(self.v_skew)
+        return u_k.to(self.k_skew.dtype), u_v.to(self.v_skew.dtype)
+
+    def set_bases_(self, u_k: torch.Tensor, u_v: torch.Tensor) -> None:
+        """Make U_k, U_v exactly the given orthogonal (H_kv, D, D) matrices (skew reset to zero)."""
+        with torch.no_grad():
+            for name, u in (("k", u_k), ("v", u_v)):
+                getattr(self, f"{name}_base").copy_(u)
+                getattr(self, f"{name}_skew").zero_()
+
+    def full_kv(self, x: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unprojected K, V of grouped attention: (B, H_kv, T, D) each (PCA calibration reads these)."""
+        return super().project_kv(x, pos)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def _coefficients(self, k, v, u_k, u_v) -> Payload:
+        """Full-width coefficients, then per-head prefixes: views (B, T, r_h), K heads then V heads."""
+        c_k = ((k - self.k_mean[:, None, :]) @ u_k).transpose(1, 2)  # (B, T, H_kv, D)
+        c_v = ((v - self.v_mean[:, None, :]) @ u_v).transpose(1, 2)  # (B, T, H_kv, D)
+        ks = tuple(c_k[:, :, h, :r] for h, r in enumerate(self.k_ranks))
+        vs = tuple(c_v[:, :, h, :r] for h, r in enumerate(self.v_ranks))
+        return ks + vs
+
+    def project_kv(self, x: torch.Tensor, pos: int) -> Payload:
+        k, v = super().project_kv(x, pos)  # (B, H_kv, T, D) each
+        return self._coefficients(k, v, *self.bases())
+
+    def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        tensors = {
+            f"{kv}{h}": torch.zeros(batch_size, max_len, r, device=device, dtype=dtype)
+            for kv, ranks in (("k", self.k_ranks), ("v", self.v_ranks))
+            for h, r in enumerate(ranks)
+        }
+        return MatryoshkaState(tensors, self.k_ranks, self.v_ranks)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> float:
+        return (sum(self.k_ranks) + sum(self.v_ranks)) * dtype.itemsize if self.owns_kv else 0
+
+    @property
+    def latent_rank_ratio(self) -> float:
+        ranks = self.k_ranks + self.v_ranks
+        return sum(ranks) / (len(ranks) * self.head_dim)
+
+    # ---- attention ------------------------------------------------------------------------------
+    def attend(self, x: torch.Tensor, pos: int, kv: Payload) -> torch.Tensor:
+        """Queries over per-head coefficients (cached path): one SDPA per KV head and its query group."""
+        B, T, C = x.shape
+        H_kv, G = self.n_kv_heads, self.n_head // self.n_kv_heads
+        u_k, u_v = self.bases()
+        q = self._queries(x).view(B, H_kv, G, T, self.head_dim)  # (B, H_kv, G, T, D)
+        scale = 1.0 / math.sqrt(self.head_dim)  # the score scale of the full-width head
+        dropout_p = self.dropout if self.training else 0.0
+        outs = []
+        for h in range(H_kv):
+            r_k, r_v = self.k_ranks[h], self.v_ranks[h]
+            c_k, c_v = kv[h].unsqueeze(1), kv[H_kv + h].unsqueeze(1)  # (B, 1, S, r_k), (B, 1, S, r_v)
+            q_h = q[:, h] @ u_k[h, :, :r_k]  # (B, G, T, r_k): U_k absorbed into the query
+            o = causal_attention(q_h, c_k, c_v, pos, scale=scale, dropout_p=dropout_p)  # (B, G, T, r_v)
+            outs.append(o @ u_v[h, :, :r_v].T + self.v_mean[h])  # (B, G, T, D)
+        y = torch.stack(outs, dim=1).view(B, self.n_head, T, self.head_dim)  # (B, H, T, D)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _attend_masked(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k, u_v) -> torch.Tensor:
+        """Training path: one batched SDPA over K/V reconstructed from rank-masked coefficients.
+
+        Equal to `attend` on the truncated coefficients (same subspace, same mean), but heads with
+        different ranks need no loop, which matters when a trainer samples ranks every step.
+        """
+        B, T, C = x.shape
+        D = self.head_dim
+        cols = torch.arange(D, device=x.device)
+        k_mask = (cols < torch.tensor(self.k_ranks, device=x.device)[:, None]).to(k.dtype)  # (H_kv, D)
+        v_mask = (cols < torch.tensor(self.v_ranks, device=x.device)[:, None]).to(v.dtype)
+        k_mean, v_mean = self.k_mean[:, None, :], self.v_mean[:, None, :]  # (H_kv, 1, D)
+        # (B, H_kv, T, D): project, zero the dropped columns, rotate back, re-add the mean.
+        k_hat = (((k - k_mean) @ u_k) * k_mask[:, None, :]) @ u_k.transpose(-1, -2) + k_mean
+        v_hat = (((v - v_mean) @ u_v) * v_mask[:, None, :]) @ u_v.transpose(-1, -2) + v_mean
+        q = self._queries(x)  # (B, H, T, D)
+        y = causal_attention(q, k_hat, v_hat, 0, dropout_p=self.dropout if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # y: (B, H, T, D)
+
+    def forward(self, x: torch.Tensor, pos: int = 0, state=None, kv: Payload | None = None):
+        if state is None:
+            u_k, u_v = self.bases()
+            k, v = super().project_kv(x, pos)  # (B, H_kv, T, D) each
+            return self._attend_masked(x, k, v, u_k, u_v), self._coefficients(k, v, u_k, u_v)
+        if isinstance(state, MatryoshkaState) and (state.k_ranks, state.v_ranks) != (
+            self.k_ranks,
+            self.v_ranks,
+        ):
+            raise CacheError(
+                f"layer {self.layer_idx}: ranks changed after the cache was created (cache K {state.k_ranks}"
+                f" V {state.v_ranks}, now K {self.k_ranks} V {self.v_ranks}); create a new cache with "
+                "model.new_cache(...) after setting ranks"
+            )
+        return super().forward(x, pos=pos, state=state, kv=kv)
+
+
+def _config_ranks(cfg: AttentionConfig, n_kv_heads: int, head_dim: int) -> tuple[list[int], list[int]]:
+    """K and V ranks per head from `ranks` / `k_ranks` / `v_ranks`, checked (ConfigError names the field)."""
+    base = head_dim if cfg.ranks is None else cfg.ranks
+    _check_rank(base, head_dim, "ranks")
+    out = []
+    for name in ("k_ranks", "v_ranks"):
+        given = getattr(cfg, name)
+        if given is None:
+            out.append([base] * n_kv_heads)
+            continue
+        if isinstance(given, (int, str)) or len(given) != n_kv_heads:
+            raise ConfigError(
+                f"{name}={given!r} must be a list of {n_kv_heads} ranks (one per KV head); "
+                "use `ranks` for one rank everywhere"
+            )
+        for h, r in enumerate(given):
+            _check_rank(r, head_dim, f"{name}[{h}]")
+        out.append([int(r) for r in given])
+    return out[0], out[1]
+
+
+def _check_rank(r, head_dim: int, where: str) -> None:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= head_dim:
+        raise ConfigError(f"{where}={r!r} must be an integer rank between 1 and head_dim={head_dim}")
+
+
+# ---- the rank-assignment API (trainer: sample per step; search: get/set) -------------------------
+def matryoshka_layers(model: nn.Module) -> list[tuple[int, MatryoshkaAttention]]:
+    """(layer index, attention) of every Matryoshka layer of a GPT, in layer order."""
+    return [(i, b.attn) for i, b in enumerate(model.blocks) if isinstance(b.attn, MatryoshkaAttention)]
+
+
+def _layers_or_error(model: nn.Module) -> list[tuple[int, MatryoshkaAttention]]:
+    layers = matryoshka_layers(model)
+    if not layers:
+        raise ConfigError(
+            "the model has no kind='matryoshka' layers; build it with attention='matryoshka-<R>'"
+        )
+    return layers
+
+
+def get_ranks(model: nn.Module) -> dict[str, list]:
+    """{"layers": [i, ...], "k": [[rank per KV head] per layer], "v": [...]} over Matryoshka layers."""
+    layers = _layers_or_error(model)
+    return {
+        "layers": [i for i, _ in layers],
+        "k": [list(a.k_ranks) for _, a in layers],
+        "v": [list(a.v_ranks) for _, a in layers],
+    }
+
+
+def _expand(spec: RankSpec, layers: list[tuple[int, MatryoshkaAttention]], which: str) -> list[list[int]]:
+    """int -> every head of every layer; list per layer of (int | list per head)."""
+    if not isinstance(spec, (list, tuple)):
+        spec = [spec] * len(layers)
+    if len(spec) != len(layers):
+        raise ConfigError(
+            f"{which} ranks give {len(spec)} layers but the model has {len(layers)} Matryoshka layers "
+            f"({[i for i, _ in layers]}); pass one entry per layer or a single int"
+        )
+    out = []
+    for (i, attn), s in zip(layers, spec):
+        heads = list(s) if isinstance(s, (list, tuple)) else [s] * attn.n_kv_heads
+        if len(heads) != attn.n_kv_heads:
+            raise ConfigError(
+                f"{which} ranks for layer {i} give {len(heads)} heads; it has n_kv_heads={attn.n_kv_heads}"
+            )
+        for h, r in enumerate(heads):
+            _check_rank(r, attn.head_dim, f"{which} rank of layer {i} head {h}")
+        out.append([int(r) for r in heads])
+    return out
+
+
+def set_ranks(
+    model: nn.Module, k: RankSpec | None = None, v: RankSpec | None = None, layers: list[int] | None = None
+) -> None:
+    """Set K and/or V ranks: an int for every head, or a list per Matryoshka layer of an int or a list
+    per KV head. `set_ranks(model, **get_ranks(other))` copies an assignment. Create caches afterwards."""
+    mlayers = _layers_or_error(model)
+    if layers is not None and list(layers) != [i for i, _ in mlayers]:
+        raise ConfigError(
+            f"ranks are for layers {list(layers)}; the model's Matryoshka layers are "
+            f"{[i for i, _ in mlayers]}"
+        )
+    new_k = _expand(k, mlayers, "K") if k is not None else None  # check everything before changing
+    new_v = _expand(v, mlayers, "V") if v is not None else None
+    for j, (_, attn) in enumerate(mlayers):
+        if new_k is not None:
+            attn.k_ranks = new_k[j]
+        if new_v is not None:
+            attn.v_ranks = new_v[j]
+
+
+def rank_choices(head_dim: int, steps: int = 8) -> list[int]:
+    """The nested ranks a trainer samples from: {d/8, 2d/8, ..., d} (seed 003), rounded, at least 1."""
+    return sorted({max(1, round(j * head_dim / steps)) for j in range(1, steps + 1)})
+
+
+def sample_ranks_(
+    model: nn.Module, generator: torch.Generator | None = None, choices: Sequence[int] | None = None
+) -> dict[str, list]:
+    """Draw every (layer, KV head, K/V) rank independently and uniformly from `choices` (default
+    rank_choices(head_dim)); returns the new assignment (as get_ranks). Seed 003 does this every step."""
+    for _, attn in _layers_or_error(model):
+        opts = torch.tensor(list(choices) if choices is not None else rank_choices(attn.head_dim))
+        draw = opts[torch.randint(len(opts), (2, attn.n_kv_heads), generator=generator)]  # (K/V, H_kv)
+        attn.k_ranks, attn.v_ranks = draw[0].tolist(), draw[1].tolist()
+    return get_ranks(model)
+
+
+def ranks_config(model: nn.Module) -> AttentionConfig:
+    """The model's attention config with the current ranks written as per-layer overrides, so a saved
+    checkpoint (e.g. after a rank search) rebuilds with exactly these ranks."""
+    att = model.config.attention
+    layers = dict(att.layers)
+    for i, attn in _layers_or_error(model):
+        layer = dataclasses.replace(att.for_layer(i), ranks=None)
+        layers[i] = dataclasses.replace(layer, k_ranks=list(attn.k_ranks), v_ranks=list(attn.v_ranks))
+    return dataclasses.replace(att, layers=layers)
+
+
+def projection_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The Matryoshka rotation and mean parameters (seed 003 trains them at a higher lr than the base)."""
+    return [p for _, a in matryoshka_layers(model) for p in (a.k_skew, a.v_skew, a.k_mean, a.v_mean)]
+
+
+@torch.no_grad()
+def pca_init_(model: nn.Module, idx_batches: Iterable[torch.Tensor]) -> None:
+    """Initialise every Matryoshka layer by PCA of its K and V on calibration tokens (seed 003).
+
+    Runs the model at full rank (the output is then independent of the bases), collects per-head mean and
+    covariance of the unprojected K/V in float64, and sets mu = mean, U = eigenvectors of the mean-centred
+    covariance by descending eigenvalue, so the first r columns keep the most variance. Ranks are restored.
+    """
+    layers = _layers_or_error(model)
+    saved = get_ranks(model)
+    set_ranks(model, k=layers[0][1].head_dim, v=layers[0][1].head_dim)
+    stats: dict[int, list] = {}
+
+    def hook(attn, args, kwargs):
+        x = args[0]
+        k, v = attn.full_kv(x, kwargs.get("pos", 0))  # (B, H_kv, T, D)
+        acc = stats.setdefault(attn.layer_idx, [0, None, None, None, None])
+        for j, t in enumerate((k, v)):
+            t = t.double().transpose(0, 1).flatten(1, 2)  # (H_kv, B*T, D)
+            s, ss = t.sum(1), t.transpose(1, 2) @ t  # (H_kv, D), (H_kv, D, D)
+            acc[1 + 2 * j] = s if acc[1 + 2 * j] is None else acc[1 + 2 * j] + s
+            acc[2 + 2 * j] = ss if acc[2 + 2 * j] is None else acc[2 + 2 * j] + ss
+        acc[0] += k.shape[0] * k.shape[2]
+
+    handles = [a.register_forward_pre_hook(hook, with_kwargs=True) for _, a in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        for idx in idx_batches:
+            model(idx)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        set_ranks(model, k=saved["k"], v=saved["v"])
+    if not stats:
+        raise ConfigError("pca_init_ got no calibration batches; pass at least one (B, T) token tensor")
+    for i, attn in layers:
+        n, k_sum, k_sq, v_sum, v_sq = stats[i]
+        bases, means = [], []
+        for s, ss in ((k_sum, k_sq), (v_sum, v_sq)):
+            mean = s / n  # (H_kv, D)
+            cov = ss / n - mean[:, :, None] * mean[:, None, :]  # (H_kv, D, D), mean-centred
+            _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+            bases.append(vecs.flip(-1))  # descending: rank r keeps the top-r principal directions
+            means.append(mean)
+        attn.set_bases_(bases[0].to(attn.k_base.dtype), bases[1].to(attn.v_base.dtype))
+        attn.k_mean.copy_(means[0])
+        attn.v_mean.copy_(means[1])
