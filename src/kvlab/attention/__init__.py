@@ -2,6 +2,7 @@
 
 from kvlab.attention import context  # noqa: F401
 from kvlab.attention import grouped  # noqa: F401  (registers "gqa")
+from kvlab.attention import matryoshka  # noqa: F401
 from kvlab.attention import mla  # noqa: F401
 from kvlab.attention.base import (
     KVStructure,
