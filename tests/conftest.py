@@ -26,6 +26,13 @@ VARIANTS: dict[str, AttentionConfig] = {
     "matryoshka-full": AttentionConfig(kind="matryoshka"),
     "matryoshka-mixed": AttentionConfig(kind="matryoshka", k_ranks=[8, 3, 5, 1], v_ranks=[2, 8, 4, 6]),
     "matryoshka+gqa": AttentionConfig(kind="matryoshka", n_kv_heads=2, ranks=3, v_ranks=[5, 1]),
+    # Context-KV: 2-slot rings so the invariant sequences evict slots; layer 0 only, with a short window.
+    "context-4": AttentionConfig(kind="context", interval=4, max_contexts=2),
+    "context-layer0+gqa": AttentionConfig(
+        kind="gqa",
+        n_kv_heads=2,
+        layers={0: AttentionConfig(kind="context", interval=3, max_contexts=2, local_window=2, n_kv_heads=1)},
+    ),
 }
 
 
