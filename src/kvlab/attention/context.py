@@ -226,7 +226,7 @@ class ContextAttention(KVStructure):
 
         # Slots: held ones from the ring, then those completed now; ids are contiguous.
         old_first = max(0, first_chunk - n_slots)
-        old_ids = torch.arange(old_first, first_chunk)
+        old_ids = torch.arange(old_first, first_chunk, device=device)
         old_ctx = state.slots[:, old_ids % n_slots].to(dtype) if len(old_ids) else new_ctx[:, :0]
         ctx = torch.cat([old_ctx, new_ctx], dim=1)  # (B, S, d)
         slot_k, slot_v = (
@@ -237,7 +237,7 @@ class ContextAttention(KVStructure):
         # Raw tokens: the held part of the current chunk's window, then the new tokens.
         k_new, v_new = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         raw_first = max(first_chunk * interval, pos - self.local_window + 1, pos - n_raw)
-        held = torch.arange(raw_first, pos) % max(n_raw, 1)
+        held = torch.arange(raw_first, pos, device=device) % max(n_raw, 1)
         raw_k = torch.cat([state.raw_k[:, :, held].to(dtype), k_new], dim=2) if len(held) else k_new
         raw_v = torch.cat([state.raw_v[:, :, held].to(dtype), v_new], dim=2) if len(held) else v_new
 
@@ -265,10 +265,10 @@ class ContextAttention(KVStructure):
         n_slots, n_raw = state.slots.shape[1], state.raw_k.shape[2]
         first_chunk, end_chunk = pos // interval, end // interval
         if n_slots:
-            ids = torch.arange(max(first_chunk, end_chunk - n_slots), end_chunk)
+            ids = torch.arange(max(first_chunk, end_chunk - n_slots), end_chunk, device=new_ctx.device)
             state.slots[:, ids % n_slots] = new_ctx[:, ids - first_chunk].to(state.slots.dtype)
         if n_raw:
-            keep = torch.arange(max(end_chunk * interval, end - n_raw, pos), end)
+            keep = torch.arange(max(end_chunk * interval, end - n_raw, pos), end, device=k_new.device)
             state.raw_k[:, :, keep % n_raw] = k_new[:, :, keep - pos].to(state.raw_k.dtype)
             state.raw_v[:, :, keep % n_raw] = v_new[:, :, keep - pos].to(state.raw_v.dtype)
         if state.h.shape[1]:
