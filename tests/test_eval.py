@@ -7,6 +7,7 @@ heldout_loss against a manual loop over non-overlapping windows; measured == ana
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -287,3 +288,78 @@ def test_evaluate_model_reports_contract_keys(model):
     assert details["lambada_passages"] == len(passages)
     table = format_report(got)
     assert "word perplexity" in table and "cpu_live_tensor_bytes" in table
+
+
+# ---- run directories and the CLI ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A saved tiny run: BPE tokenizer trained here, a dataset dir in the kvlab.data layout."""
+    from kvlab.checkpoint import save_model
+    from kvlab.data import train_bpe
+
+    root = tmp_path_factory.mktemp("eval_run")
+    rng = np.random.default_rng(6)
+    docs = {
+        split: [_text(rng, 150) for _ in range(n)] for split, n in (("train", 4), ("val", 2), ("heldout", 3))
+    }
+    tok = train_bpe(docs["train"], vocab_size=300)
+    data = root / "data"
+    data.mkdir()
+    for split, texts in docs.items():
+        ids = [i for t in texts for i in tok.encode(t) + [tok.eot_token]]
+        np.asarray(ids, dtype=np.uint16).tofile(data / f"{split}.bin")
+    with open(data / "heldout.jsonl", "w") as f:
+        for i, t in enumerate(docs["heldout"]):
+            f.write(json.dumps({"title": f"doc {i}", "text": t}) + "\n")
+    (data / "meta.json").write_text(
+        json.dumps({"dtype": "uint16", "vocab_size": 300, "tokenizer": "bpe-300"})
+    )
+    run = root / "run"
+    model = GPT(tiny_config(VARIANTS["gqa+cla2"], vocab_size=300, block_size=64)).eval()
+    save_model(run, model, {"data": {"dir": str(data)}, "train": {"eval_iters": 3, "batch_size": 2}})
+    tok.save(run)
+    return run
+
+
+def test_kvlab_eval_json_has_the_contract_keys(run_dir, capsys):
+    from kvlab.checkpoint import load_model
+    from kvlab.cli import main
+    from kvlab.data import heldout_documents, load_tokenizer, open_split
+
+    assert main(["eval", str(run_dir), "--json", "--limit", "40"]) == 0
+    out = capsys.readouterr().out
+    got = json.loads(out)  # the whole of stdout is one JSON object
+    assert set(CONTRACT_KEYS) <= set(got)
+    assert got["measured_cache_bytes"] == got["analytic_cache_bytes"] > 0
+    assert got["generation_toks_per_s"] > 0
+    assert got["heldout_corpus"] == "heldout"
+    model, data = load_model(run_dir), json.loads((run_dir / "config.json").read_text())["data"]["dir"]
+    assert got["kv_bytes_per_token"] == model.kv_metrics()["kv_bytes_per_token"]
+    assert got["heldout_loss"] == pytest.approx(
+        heldout_loss(model, open_split(data, "heldout"), 64), rel=1e-6
+    )
+    tok = load_tokenizer(run_dir)
+    expected = document_perplexity(model, tok, heldout_documents(data), 64)
+    details = got["corpora"]["heldout"]
+    assert details["word_perplexity"] == pytest.approx(expected["word_perplexity"], rel=1e-6)
+    assert details["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], rel=1e-6)
+    assert 0 < details["lambada_passages"] <= 40 and 0 <= details["lambada_accuracy"] <= 1
+
+
+def test_kvlab_eval_table(run_dir, capsys):
+    from kvlab.cli import main
+
+    assert main(["eval", str(run_dir), "--no-speed", "--limit", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out loss" in out and "word perplexity" in out and "measured cache bytes" in out
+
+
+def test_kvlab_eval_errors_are_one_line(run_dir, tmp_path, capsys):
+    from kvlab.cli import main
+
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.json not found" in err and "\n" not in err
+    assert main(["eval", str(run_dir), "--heldout", "no-such-corpus", "--no-speed"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-such-corpus" in err and "known corpora" in err and "\n" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import weakref
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -19,7 +20,7 @@ from kvlab.generate import generate
 
 
 def _prompt(tokens, length: int, device) -> torch.Tensor:
-    t = torch.as_tensor(tokens[:length] if not isinstance(tokens, torch.Tensor) else tokens[:length])
+    t = tokens[:length] if isinstance(tokens, torch.Tensor) else torch.from_numpy(np.array(tokens[:length]))
     if t.numel() < length:
         raise EvalError(f"the prompt source has {t.numel()} tokens; {length} are needed")
     return t.long().view(1, -1).to(device)  # (1, T)
