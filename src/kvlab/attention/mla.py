@@ -18,6 +18,12 @@ from kvlab.config import AttentionConfig, ConfigError, ModelConfig
 _RMS_EPS = 1e-6  # DeepSeek-V2's RMSNorm epsilon
 
 
+def _rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm in float32 (as DeepSeek-V2), cast back: under bf16 autocast the Linear before it yields
+    bf16, and a bf16 mean of squares is both less accurate and off torch's fused kernel."""
+    return norm(x.float()).to(x.dtype)
+
+
 @register("mla")
 class LatentAttention(KVStructure):
     """Caches c_kv (B, T, kv_rank) after RMSNorm and k_rope (B, T, rope_dim) after RoPE; nothing else.
@@ -99,7 +105,7 @@ class LatentAttention(KVStructure):
 
     def _query(self, x: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
-        q = self.q_b(self.q_norm(self.q_a(x))) if self.q_rank else self.q_proj(x)
+        q = self.q_b(_rms_norm(self.q_norm, self.q_a(x))) if self.q_rank else self.q_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim + self.rope_dim).transpose(1, 2)  # (B, H, T, hd + rd)
         q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)  # (B, H, T, hd), (B, H, T, rd)
         return q_nope, self._rope(q_rope, pos)
@@ -124,7 +130,7 @@ class LatentAttention(KVStructure):
     # ---- the interface --------------------------------------------------------------------------
     def project_kv(self, x: torch.Tensor, pos: int) -> Payload:
         c_kv, k_rope = self.kv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)  # (B, T, r), (B, T, rd)
-        return self.kv_norm(c_kv), self._rope(k_rope, pos)
+        return _rms_norm(self.kv_norm, c_kv), self._rope(k_rope, pos)
 
     def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
         c_kv = torch.zeros(batch_size, max_len, self.kv_rank, device=device, dtype=dtype)
