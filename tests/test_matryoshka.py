@@ -13,7 +13,6 @@ from kvlab.attention.matryoshka import (
     cayley,
     get_ranks,
     matryoshka_layers,
-    pca_init_,
     projection_parameters,
     rank_choices,
     ranks_config,
@@ -21,7 +20,7 @@ from kvlab.attention.matryoshka import (
     set_ranks,
 )
 from kvlab.checkpoint import load_model, save_model
-from kvlab.convert.matryoshka import to_matryoshka
+from kvlab.convert.matryoshka import pca_init_, to_matryoshka
 
 from conftest import tiny_config
 
@@ -106,9 +105,10 @@ def test_converter_at_full_rank_reproduces_the_original():
         AttentionConfig(kind="matryoshka", ranks=3),
         AttentionConfig(kind="matryoshka", **MIXED),
         AttentionConfig(kind="matryoshka", n_kv_heads=2, k_ranks=[7, 2], v_ranks=[1, 5]),
+        AttentionConfig(kind="matryoshka", k_ranks=[3, 5, 3, 5], v_ranks=[2, 2, 2, 2]),
         AttentionConfig(kind="gqa", layers={1: AttentionConfig(kind="matryoshka", **MIXED)}),
     ],
-    ids=["uniform-3", "mixed", "gqa2-mixed", "layer1-only"],
+    ids=["uniform-3", "mixed", "gqa2-mixed", "interleaved-groups", "layer1-only"],
 )
 @torch.inference_mode()
 def test_cached_decode_matches_full_forward_at_reduced_ranks(attention):
@@ -144,17 +144,28 @@ def test_truncation_equals_grouped_model_with_projected_weights():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "ranks, shapes",
+    [  # shapes: (heads, width) of the K groups then the V groups of one layer's cache
+        (MIXED, [(1, 8), (1, 3), (1, 5), (1, 1), (1, 2), (1, 8), (1, 4), (1, 6)]),
+        (dict(k_ranks=[3, 5, 3, 5], v_ranks=[2, 2, 2, 2]), [(2, 3), (2, 5), (2, 2), (2, 2)]),
+    ],
+    ids=["all-distinct", "two-groups"],
+)
 @torch.inference_mode()
-def test_mixed_rank_cache_is_unpadded(dtype):
-    model = _random_model(AttentionConfig(kind="matryoshka", **MIXED))
+def test_mixed_rank_cache_is_unpadded(ranks, shapes, dtype):
+    model = _random_model(AttentionConfig(kind="matryoshka", **ranks))
     B, max_len = 3, 20
     cache = model.new_cache(batch_size=B, max_len=max_len, dtype=dtype)
     model(torch.randint(0, 97, (B, 9)), cache=cache)
-    per_layer = B * max_len * (sum(MIXED["k_ranks"]) + sum(MIXED["v_ranks"])) * dtype.itemsize
-    assert cache.nbytes() == 4 * per_layer == model.kv_cache_bytes(B, max_len, dtype)
-    widths = [t.shape for t in cache.states[0].tensors.values()]
-    assert widths == [(B, max_len, r) for r in MIXED["k_ranks"] + MIXED["v_ranks"]]
-    assert model.kv_metrics(dtype)["kv_bytes_per_token"] == 37 * dtype.itemsize
+    per_token = sum(ranks["k_ranks"]) + sum(ranks["v_ranks"])  # each head at its own K and V rank
+    assert (
+        cache.nbytes()
+        == 4 * B * max_len * per_token * dtype.itemsize
+        == model.kv_cache_bytes(B, max_len, dtype)
+    )
+    assert [t.shape for t in cache.states[0].tensors.values()] == [(B, h, max_len, r) for h, r in shapes]
+    assert model.kv_metrics(dtype)["kv_bytes_per_token"] == per_token * dtype.itemsize
 
 
 @torch.inference_mode()

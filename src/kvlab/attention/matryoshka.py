@@ -1,9 +1,9 @@
 """MatryoshkaKV (seed 003): grouped KV whose heads are rotated by trainable orthogonal matrices and
 truncated to nested ranks, set per layer, per KV head and separately for K and V at inference.
 
-Owns the structure (`MatryoshkaAttention`), its cache layout (one unpadded coefficient tensor per head
-and K/V) and the rank-assignment API a trainer and a rank search use (`get_ranks`, `set_ranks`,
-`sample_ranks_`, `ranks_config`), plus PCA initialisation from calibration text (`pca_init_`).
+Owns the structure (`MatryoshkaAttention`), its cache layout (unpadded coefficient tensors, one per
+group of heads sharing K/V ranks) and the rank API for trainers and searches (`get_ranks`, `set_ranks`,
+`sample_ranks_`, `ranks_config`). PCA initialisation lives in kvlab.convert.matryoshka (`pca_init_`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -37,13 +37,15 @@ def cayley(skew_param: torch.Tensor) -> torch.Tensor:
 
 
 class MatryoshkaState(TensorState):
-    """Per-head coefficient buffers "k0".."k{H-1}", "v0".."v{H-1}", each (B, max_len, r_h), no padding.
+    """Coefficient buffers per rank group: "k{g}" (B, n_g, max_len, r_k) and "v{g}" (B, n_g, max_len, r_v)
+    for the n_g KV heads sharing the ranks (r_k, r_v) of group g. No head is padded to another's rank;
+    with one rank everywhere this is GQA's layout at width r.
 
     Remembers the ranks it was built for: changing ranks after creating the cache is a user mistake.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], k_ranks: list[int], v_ranks: list[int]):
-        super().__init__(tensors, time_dim=1)
+        super().__init__(tensors, time_dim=2)
         self.k_ranks, self.v_ranks = list(k_ranks), list(v_ranks)
 
 
@@ -141,23 +143,36 @@ class MatryoshkaAttention(GroupedAttention):
         B, T, _ = x.shape
         return self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
-    def _coefficients(self, k, v, u_k, u_v) -> Payload:
-        """Full-width coefficients, then per-head prefixes: views (B, T, r_h), K heads then V heads."""
-        c_k = ((k - self.k_mean[:, None, :]) @ u_k).transpose(1, 2)  # (B, T, H_kv, D)
-        c_v = ((v - self.v_mean[:, None, :]) @ u_v).transpose(1, 2)  # (B, T, H_kv, D)
-        ks = tuple(c_k[:, :, h, :r] for h, r in enumerate(self.k_ranks))
-        vs = tuple(c_v[:, :, h, :r] for h, r in enumerate(self.v_ranks))
+    def rank_groups(self) -> list[tuple[int, int, list[int]]]:
+        """(r_k, r_v, KV heads) for each distinct rank pair, in order of first head: the cache layout."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for h, pair in enumerate(zip(self.k_ranks, self.v_ranks)):
+            groups.setdefault(pair, []).append(h)
+        return [(r_k, r_v, heads) for (r_k, r_v), heads in groups.items()]
+
+    def _full_coefficients(self, k, v, u_k, u_v) -> tuple[torch.Tensor, torch.Tensor]:
+        c_k = (k - self.k_mean[:, None, :]) @ u_k  # (B, H_kv, T, D)
+        c_v = (v - self.v_mean[:, None, :]) @ u_v  # (B, H_kv, T, D)
+        return c_k, c_v
+
+    def _group_payload(self, c_k: torch.Tensor, c_v: torch.Tensor) -> Payload:
+        """Each rank group's prefix of the full-width coefficients: K groups (B, n_g, T, r_k), V groups."""
+        groups = self.rank_groups()
+        ks = tuple(_heads(c_k, heads)[..., :r_k] for r_k, _, heads in groups)
+        vs = tuple(_heads(c_v, heads)[..., :r_v] for _, r_v, heads in groups)
         return ks + vs
 
     def project_kv(self, x: torch.Tensor, pos: int) -> Payload:
         k, v = super().project_kv(x, pos)  # (B, H_kv, T, D) each
-        return self._coefficients(k, v, *self.bases())
+        return self._group_payload(*self._full_coefficients(k, v, *self.bases()))
 
     def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        groups = self.rank_groups()
         tensors = {
-            f"{kv}{h}": torch.zeros(batch_size, max_len, r, device=device, dtype=dtype)
-            for kv, ranks in (("k", self.k_ranks), ("v", self.v_ranks))
-            for h, r in enumerate(ranks)
+            f"{kv}{g}": torch.zeros(batch_size, len(heads), max_len, r, device=device, dtype=dtype)
+            for kv in ("k", "v")
+            for g, (r_k, r_v, heads) in enumerate(groups)
+            for r in [r_k if kv == "k" else r_v]
         }
         return MatryoshkaState(tensors, self.k_ranks, self.v_ranks)
 
@@ -171,24 +186,33 @@ class MatryoshkaAttention(GroupedAttention):
 
     # ---- attention ------------------------------------------------------------------------------
     def attend(self, x: torch.Tensor, pos: int, kv: Payload) -> torch.Tensor:
-        """Queries over per-head coefficients (cached path): one SDPA per KV head and its query group."""
+        """Queries over rank-group coefficients (cached path): one SDPA per group of KV heads that share
+        (r_k, r_v), with their query heads; one group (one SDPA) when every head has the same ranks."""
         B, T, C = x.shape
-        H_kv, G = self.n_kv_heads, self.n_head // self.n_kv_heads
+        H_kv, G, D = self.n_kv_heads, self.n_head // self.n_kv_heads, self.head_dim
         u_k, u_v = self.bases()
-        q = self._queries(x).view(B, H_kv, G, T, self.head_dim)  # (B, H_kv, G, T, D)
-        scale = 1.0 / math.sqrt(self.head_dim)  # the score scale of the full-width head
+        q = self._queries(x).view(B, H_kv, G, T, D)  # (B, H_kv, G, T, D)
+        scale = 1.0 / math.sqrt(D)  # the score scale of the full-width head
         dropout_p = self.dropout if self.training else 0.0
-        outs = []
-        for h in range(H_kv):
-            r_k, r_v = self.k_ranks[h], self.v_ranks[h]
-            c_k, c_v = kv[h].unsqueeze(1), kv[H_kv + h].unsqueeze(1)  # (B, 1, S, r_k), (B, 1, S, r_v)
-            q_h = q[:, h] @ u_k[h, :, :r_k]  # (B, G, T, r_k): U_k absorbed into the query
-            o = causal_attention(q_h, c_k, c_v, pos, scale=scale, dropout_p=dropout_p)  # (B, G, T, r_v)
-            outs.append(o @ u_v[h, :, :r_v].T + self.v_mean[h])  # (B, G, T, D)
-        y = torch.stack(outs, dim=1).view(B, self.n_head, T, self.head_dim)  # (B, H, T, D)
+        groups = self.rank_groups()
+        y = q.new_empty(B, H_kv, G, T, D) if len(groups) > 1 else None
+        for g, (r_k, r_v, heads) in enumerate(groups):
+            n = len(heads)
+            c_k, c_v = kv[g], kv[len(groups) + g]  # (B, n, S, r_k), (B, n, S, r_v)
+            # U_k absorbed into the query: (B, n, G, T, D) @ (n, 1, D, r_k) -> (B, n * G, T, r_k)
+            q_g = (_heads(q, heads) @ _heads(u_k, heads, 0)[:, None, :, :r_k]).view(B, n * G, T, r_k)
+            o = causal_attention(q_g, c_k, c_v, pos, scale=scale, dropout_p=dropout_p)  # (B, n*G, T, r_v)
+            u_vr = _heads(u_v, heads, 0)[:, None, :, :r_v].transpose(-1, -2)  # (n, 1, r_v, D)
+            mean = _heads(self.v_mean, heads, 0)[:, None, None, :]  # (n, 1, 1, D)
+            out = o.view(B, n, G, T, r_v) @ u_vr + mean  # (B, n, G, T, D)
+            if y is None:
+                y = out
+            else:
+                y[:, heads] = out
+        y = y.reshape(B, self.n_head, T, D)  # (B, H, T, D)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def _attend_masked(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k, u_v) -> torch.Tensor:
+    def _attend_masked(self, x: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, u_k, u_v) -> torch.Tensor:
         """Training path: one batched SDPA over K/V reconstructed from rank-masked coefficients.
 
         Equal to `attend` on the truncated coefficients (same subspace, same mean), but heads with
@@ -197,12 +221,11 @@ class MatryoshkaAttention(GroupedAttention):
         B, T, C = x.shape
         D = self.head_dim
         cols = torch.arange(D, device=x.device)
-        k_mask = (cols < torch.tensor(self.k_ranks, device=x.device)[:, None]).to(k.dtype)  # (H_kv, D)
-        v_mask = (cols < torch.tensor(self.v_ranks, device=x.device)[:, None]).to(v.dtype)
-        k_mean, v_mean = self.k_mean[:, None, :], self.v_mean[:, None, :]  # (H_kv, 1, D)
-        # (B, H_kv, T, D): project, zero the dropped columns, rotate back, re-add the mean.
-        k_hat = (((k - k_mean) @ u_k) * k_mask[:, None, :]) @ u_k.transpose(-1, -2) + k_mean
-        v_hat = (((v - v_mean) @ u_v) * v_mask[:, None, :]) @ u_v.transpose(-1, -2) + v_mean
+        k_mask = (cols < torch.tensor(self.k_ranks, device=x.device)[:, None]).to(c_k.dtype)  # (H_kv, D)
+        v_mask = (cols < torch.tensor(self.v_ranks, device=x.device)[:, None]).to(c_v.dtype)
+        # (B, H_kv, T, D): zero the dropped columns, rotate back, re-add the mean.
+        k_hat = (c_k * k_mask[:, None, :]) @ u_k.transpose(-1, -2) + self.k_mean[:, None, :]
+        v_hat = (c_v * v_mask[:, None, :]) @ u_v.transpose(-1, -2) + self.v_mean[:, None, :]
         q = self._queries(x)  # (B, H, T, D)
         y = causal_attention(q, k_hat, v_hat, 0, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # y: (B, H, T, D)
@@ -211,7 +234,8 @@ class MatryoshkaAttention(GroupedAttention):
         if state is None:
             u_k, u_v = self.bases()
             k, v = super().project_kv(x, pos)  # (B, H_kv, T, D) each
-            return self._attend_masked(x, k, v, u_k, u_v), self._coefficients(k, v, u_k, u_v)
+            c_k, c_v = self._full_coefficients(k, v, u_k, u_v)  # (B, H_kv, T, D) each
+            return self._attend_masked(x, c_k, c_v, u_k, u_v), self._group_payload(c_k, c_v)
         if isinstance(state, MatryoshkaState) and (state.k_ranks, state.v_ranks) != (
             self.k_ranks,
             self.v_ranks,
@@ -222,6 +246,13 @@ class MatryoshkaAttention(GroupedAttention):
                 "model.new_cache(...) after setting ranks"
             )
         return super().forward(x, pos=pos, state=state, kv=kv)
+
+
+def _heads(t: torch.Tensor, heads: list[int], dim: int = 1) -> torch.Tensor:
+    """t restricted to KV heads `heads` along dim: a view when they are consecutive, else a gather."""
+    if heads == list(range(heads[0], heads[0] + len(heads))):
+        return t.narrow(dim, heads[0], len(heads))
+    return t.index_select(dim, torch.tensor(heads, device=t.device))
 
 
 def _config_ranks(cfg: AttentionConfig, n_kv_heads: int, head_dim: int) -> tuple[list[int], list[int]]:
@@ -256,7 +287,7 @@ def matryoshka_layers(model: nn.Module) -> list[tuple[int, MatryoshkaAttention]]
     return [(i, b.attn) for i, b in enumerate(model.blocks) if isinstance(b.attn, MatryoshkaAttention)]
 
 
-def _layers_or_error(model: nn.Module) -> list[tuple[int, MatryoshkaAttention]]:
+def layers_or_error(model: nn.Module) -> list[tuple[int, MatryoshkaAttention]]:
     layers = matryoshka_layers(model)
     if not layers:
         raise ConfigError(
@@ -267,7 +298,7 @@ def _layers_or_error(model: nn.Module) -> list[tuple[int, MatryoshkaAttention]]:
 
 def get_ranks(model: nn.Module) -> dict[str, list]:
     """{"layers": [i, ...], "k": [[rank per KV head] per layer], "v": [...]} over Matryoshka layers."""
-    layers = _layers_or_error(model)
+    layers = layers_or_error(model)
     return {
         "layers": [i for i, _ in layers],
         "k": [list(a.k_ranks) for _, a in layers],
@@ -302,7 +333,7 @@ def set_ranks(
 ) -> None:
     """Set K and/or V ranks: an int for every head, or a list per Matryoshka layer of an int or a list
     per KV head. `set_ranks(model, **get_ranks(other))` copies an assignment. Create caches afterwards."""
-    mlayers = _layers_or_error(model)
+    mlayers = layers_or_error(model)
     if layers is not None and list(layers) != [i for i, _ in mlayers]:
         raise ConfigError(
             f"ranks are for layers {list(layers)}; the model's Matryoshka layers are "
@@ -327,7 +358,7 @@ def sample_ranks_(
 ) -> dict[str, list]:
     """Draw every (layer, KV head, K/V) rank independently and uniformly from `choices` (default
     rank_choices(head_dim)); returns the new assignment (as get_ranks). Seed 003 does this every step."""
-    for _, attn in _layers_or_error(model):
+    for _, attn in layers_or_error(model):
         opts = torch.tensor(list(choices) if choices is not None else rank_choices(attn.head_dim))
         draw = opts[torch.randint(len(opts), (2, attn.n_kv_heads), generator=generator)]  # (K/V, H_kv)
         attn.k_ranks, attn.v_ranks = draw[0].tolist(), draw[1].tolist()
@@ -339,7 +370,7 @@ def ranks_config(model: nn.Module) -> AttentionConfig:
     checkpoint (e.g. after a rank search) rebuilds with exactly these ranks."""
     att = model.config.attention
     layers = dict(att.layers)
-    for i, attn in _layers_or_error(model):
+    for i, attn in layers_or_error(model):
         layer = dataclasses.replace(att.for_layer(i), ranks=None)
         layers[i] = dataclasses.replace(layer, k_ranks=list(attn.k_ranks), v_ranks=list(attn.v_ranks))
     return dataclasses.replace(att, layers=layers)
@@ -348,54 +379,3 @@ def ranks_config(model: nn.Module) -> AttentionConfig:
 def projection_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The Matryoshka rotation and mean parameters (seed 003 trains them at a higher lr than the base)."""
     return [p for _, a in matryoshka_layers(model) for p in (a.k_skew, a.v_skew, a.k_mean, a.v_mean)]
-
-
-@torch.no_grad()
-def pca_init_(model: nn.Module, idx_batches: Iterable[torch.Tensor]) -> None:
-    """Initialise every Matryoshka layer by PCA of its K and V on calibration tokens (seed 003).
-
-    Runs the model at full rank (the output is then independent of the bases), collects per-head mean and
-    covariance of the unprojected K/V in float64, and sets mu = mean, U = eigenvectors of the mean-centred
-    covariance by descending eigenvalue, so the first r columns keep the most variance. Ranks are restored.
-    """
-    layers = _layers_or_error(model)
-    saved = get_ranks(model)
-    set_ranks(model, k=layers[0][1].head_dim, v=layers[0][1].head_dim)
-    stats: dict[int, list] = {}
-
-    def hook(attn, args, kwargs):
-        x = args[0]
-        k, v = attn.full_kv(x, kwargs.get("pos", 0))  # (B, H_kv, T, D)
-        acc = stats.setdefault(attn.layer_idx, [0, None, None, None, None])
-        for j, t in enumerate((k, v)):
-            t = t.double().transpose(0, 1).flatten(1, 2)  # (H_kv, B*T, D)
-            s, ss = t.sum(1), t.transpose(1, 2) @ t  # (H_kv, D), (H_kv, D, D)
-            acc[1 + 2 * j] = s if acc[1 + 2 * j] is None else acc[1 + 2 * j] + s
-            acc[2 + 2 * j] = ss if acc[2 + 2 * j] is None else acc[2 + 2 * j] + ss
-        acc[0] += k.shape[0] * k.shape[2]
-
-    handles = [a.register_forward_pre_hook(hook, with_kwargs=True) for _, a in layers]
-    was_training = model.training
-    try:
-        model.eval()
-        for idx in idx_batches:
-            model(idx)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        set_ranks(model, k=saved["k"], v=saved["v"])
-    if not stats:
-        raise ConfigError("pca_init_ got no calibration batches; pass at least one (B, T) token tensor")
-    for i, attn in layers:
-        n, k_sum, k_sq, v_sum, v_sq = stats[i]
-        bases, means = [], []
-        for s, ss in ((k_sum, k_sq), (v_sum, v_sq)):
-            mean = s / n  # (H_kv, D)
-            cov = ss / n - mean[:, :, None] * mean[:, None, :]  # (H_kv, D, D), mean-centred
-            _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-            bases.append(vecs.flip(-1))  # descending: rank r keeps the top-r principal directions
-            means.append(mean)
-        attn.set_bases_(bases[0].to(attn.k_base.dtype), bases[1].to(attn.v_base.dtype))
-        attn.k_mean.copy_(means[0])
-        attn.v_mean.copy_(means[1])
