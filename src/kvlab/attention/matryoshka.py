@@ -115,13 +115,18 @@ class MatryoshkaAttention(GroupedAttention):
         # Training rebuilds so gradients reach skew; so do parameters made under inference_mode, which
         # have no version counter to tell us they changed.
         if torch.is_grad_enabled() or any(t.is_inference() for t in tensors):
+            self._bases_cache = None
             return self._compute_bases()
-        # Inference: the Cayley solve costs more than a decode step's attention, so reuse it until a
-        # parameter is replaced or written in place (optimizer step, load_state_dict, .to()).
-        key = tuple((id(t), t._version, t.device, t.dtype) for t in tensors)
+        # Inference: the Cayley solve (a host sync on GPU) costs more than a decode step's attention, so
+        # reuse it until a parameter is replaced or written in place (optimizer step, load_state_dict,
+        # .to()). Writes through `.data` bypass version counters: call `clear_bases_cache()` after them.
+        key = tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         if self._bases_cache is None or self._bases_cache[0] != key:
             self._bases_cache = (key, self._compute_bases())
         return self._bases_cache[1]
+
+    def clear_bases_cache(self) -> None:
+        self._bases_cache = None
 
     def _compute_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         u_k = self.k_base.float() @ cayley(self.k_skew)
@@ -195,7 +200,7 @@ class MatryoshkaAttention(GroupedAttention):
         scale = 1.0 / math.sqrt(D)  # the score scale of the full-width head
         dropout_p = self.dropout if self.training else 0.0
         groups = self.rank_groups()
-        y = q.new_empty(B, H_kv, G, T, D) if len(groups) > 1 else None
+        y = None
         for g, (r_k, r_v, heads) in enumerate(groups):
             n = len(heads)
             c_k, c_v = kv[g], kv[len(groups) + g]  # (B, n, S, r_k), (B, n, S, r_v)
@@ -205,9 +210,10 @@ class MatryoshkaAttention(GroupedAttention):
             u_vr = _heads(u_v, heads, 0)[:, None, :, :r_v].transpose(-1, -2)  # (n, 1, r_v, D)
             mean = _heads(self.v_mean, heads, 0)[:, None, None, :]  # (n, 1, 1, D)
             out = o.view(B, n, G, T, r_v) @ u_vr + mean  # (B, n, G, T, D)
-            if y is None:
+            if len(groups) == 1:
                 y = out
             else:
+                y = out.new_empty(B, H_kv, G, T, D) if y is None else y  # dtype of out (autocast)
                 y[:, heads] = out
         y = y.reshape(B, self.n_head, T, D)  # (B, H, T, D)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
