@@ -316,3 +316,20 @@ def test_inference_reuses_bases_only_until_a_parameter_changes():
         torch.testing.assert_close(attn.bases()[1], attn.v_base @ cayley(attn.v_skew))
         model.load_state_dict(GPT(tiny_config(model.config.attention)).state_dict())
         torch.testing.assert_close(attn.bases()[1], torch.eye(D).expand(4, D, D))
+
+
+@torch.inference_mode()
+def test_bf16_autocast_cache_decodes_like_the_full_forward():
+    """bf16 cache + CPU autocast: mixed rank groups combine outputs of different dtypes without error."""
+    model = _random_model(AttentionConfig(kind="matryoshka", k_ranks=[3, 5, 3, 8], v_ranks=[2, 2, 6, 2]))
+    idx = torch.randint(0, 97, (2, 14))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(idx).float()
+        cache = model.new_cache(batch_size=2, max_len=14, dtype=torch.bfloat16)
+        steps = [model(idx[:, :5], cache=cache)] + [
+            model(idx[:, t : t + 1], cache=cache) for t in range(5, 14)
+        ]
+    assert cache.nbytes() == 4 * 2 * 14 * (19 + 12) * 2
+    torch.testing.assert_close(
+        torch.cat(steps, dim=1).float(), full, rtol=0, atol=0.05 * full.abs().max().item()
+    )
