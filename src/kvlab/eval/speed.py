@@ -34,7 +34,7 @@ def measure_cache_bytes(model, tokens, prompt_len: int | None = None, batch_size
     cache (e.g. it stores decompressed K/V), so this raises instead of reporting a wrong number.
     """
     max_len = model.config.block_size
-    prompt_len = min(prompt_len or max_len, max_len)
+    prompt_len = min(prompt_len or max_len, max_len, len(tokens))
     device = next(model.parameters()).device
     idx = _prompt(tokens, prompt_len, device).expand(batch_size, -1)  # (B, T)
     cache = model.new_cache(batch_size=batch_size, max_len=max_len)
@@ -66,7 +66,7 @@ def generation_speed(
     model, tokens, prompt_len: int = 128, new_tokens: int = 128, warmup_tokens: int = 8, repeats: int = 1
 ) -> dict:
     """Cached greedy decoding, batch 1: decode tokens/s after a warm-up (best of `repeats`)."""
-    prompt_len, new_tokens = speed_shape(model.config.block_size, prompt_len, new_tokens)
+    prompt_len, new_tokens = speed_shape(model.config.block_size, min(prompt_len, len(tokens)), new_tokens)
     idx = _prompt(tokens, prompt_len, next(model.parameters()).device)
     generate(model, idx, min(warmup_tokens, new_tokens))
     results = [generate(model, idx, new_tokens) for _ in range(repeats)]
@@ -93,7 +93,7 @@ def nocache_speed(
     model, tokens, prompt_len: int = 128, new_tokens: int = 128, warmup_tokens: int = 8
 ) -> dict:
     """Tokens/s of cache-free greedy generation (all new tokens over the whole loop), after a warm-up."""
-    prompt_len, new_tokens = speed_shape(model.config.block_size, prompt_len, new_tokens)
+    prompt_len, new_tokens = speed_shape(model.config.block_size, min(prompt_len, len(tokens)), new_tokens)
     device = next(model.parameters()).device
     idx = _prompt(tokens, prompt_len, device)
     nocache_generate(model, idx, min(warmup_tokens, new_tokens))
@@ -158,7 +158,7 @@ class LiveTensorTracker(TorchDispatchMode):
 
 def peak_generation_memory(model, tokens, prompt_len: int = 128, new_tokens: int = 128) -> dict:
     """Peak memory of one cached greedy generation (same shape as generation_speed)."""
-    prompt_len, new_tokens = speed_shape(model.config.block_size, prompt_len, new_tokens)
+    prompt_len, new_tokens = speed_shape(model.config.block_size, min(prompt_len, len(tokens)), new_tokens)
     device = next(model.parameters()).device
     idx = _prompt(tokens, prompt_len, device)
     if device.type == "cuda":
