@@ -60,7 +60,8 @@ def offline_cloze(
     documents: list[str], name: str, n: int = CLOZE_SIZE, seed: int = 0
 ) -> tuple[list[str], str]:
     passages = cloze_set_from_documents(documents, n=n, min_context_words=CLOZE_MIN_CONTEXT_WORDS, seed=seed)
-    return passages, f"offline cloze set from {name} held-out text (lambada_openai rule, seed {seed})"
+    where = "the run's dataset" if name == DEFAULT_CORPUS else name
+    return passages, f"offline cloze set from {where} held-out text (lambada_openai rule, seed {seed})"
 
 
 def dataset_corpus(dataset_dir: str | Path, name: str, cloze_size: int = CLOZE_SIZE, seed: int = 0):
