@@ -49,6 +49,9 @@ batch_size = 2
 eval_interval = 3
 eval_iters = 1
 
+[eval]
+limit = 5
+
 [methods]
 mha = "mha"
 mqa = "mqa"
@@ -90,7 +93,7 @@ class FakeBackend:
         (out_dir / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": train_cfg}))
         return out_dir
 
-    def evaluate(self, run_dir, heldout, data_dir):
+    def evaluate(self, run_dir, heldout, data_dir, **options):
         self.evaluated.append((str(run_dir), heldout))
         cfg = json.loads((run_dir / "config.json").read_text())
         with torch.device("meta"):
@@ -223,6 +226,7 @@ def test_config_hash_stable_and_sensitive():
         ("batch_size = 2", "batch_size = 2\nlr = 1e-3"),
         ('corpus = "shakespeare"', 'corpus = "sotu"'),
         ('heldout = "sotu"', 'heldout = "lambada"'),
+        ("limit = 5", "limit = 6"),
         ("seed = 7", "seed = 8"),
     ]:
         changed = {c.key for c in plan_cells(micro_suite(MICRO_TOML.replace(old, new)))}
@@ -372,7 +376,8 @@ def test_report_files_from_a_bench(tmp_path, capsys):
     assert mha["metrics"]["heldout_loss"]["mean"] == pytest.approx(expected)
     assert mha["metrics"]["heldout_loss"]["std"] == pytest.approx(0.1 / math.sqrt(2))
     assert mha["metrics"]["cloze.lambada_accuracy"]["mean"] == 0.25 and "note" not in mha["metrics"]
-    assert mha["config"]["model"]["n_embd"] == 32 and mha["config"]["eval"] == {"heldout": "heldout"}
+    assert mha["config"]["model"]["n_embd"] == 32
+    assert mha["config"]["eval"] == {"limit": 5, "heldout": "heldout"}
     assert rows[("mha", "eval-other")]["metrics"]["heldout_loss"]["mean"] == pytest.approx(expected + 0.5)
     md = (tmp_path / "results.md").read_text()
     assert f"{expected:.3f} ± 0.071" in md and "heldout loss eval-other ↓" in md

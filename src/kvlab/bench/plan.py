@@ -56,6 +56,7 @@ class Cell:
     model: dict[str, Any]  # ModelConfig.to_dict()
     train: dict[str, Any]  # resolved TrainConfig fields, seed included
     data: dict[str, Any]  # kvlab.data.prepare arguments
+    eval: dict[str, Any]  # evaluate() options of the suite
     heldout: str  # held-out corpus: "heldout" = the training corpus's held-out split, or a corpus name
     train_key: str
     key: str
@@ -69,7 +70,7 @@ class Cell:
             "model": self.model,
             "train": self.train,
             "data": self.data,
-            "eval": {"heldout": self.heldout},
+            "eval": {**self.eval, "heldout": self.heldout},
         }
 
 
@@ -88,9 +89,10 @@ def make_cell(suite: Suite, method: str, regime, seed: int) -> Cell:
         model=model,
         train=train,
         data=data,
+        eval=dict(suite.eval),
         heldout=regime.heldout,
         train_key=config_hash(train_part),
-        key=config_hash({**train_part, "eval": {"heldout": regime.heldout}}),
+        key=config_hash({**train_part, "eval": {**suite.eval, "heldout": regime.heldout}}),
     )
 
 

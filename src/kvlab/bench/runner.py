@@ -35,7 +35,7 @@ class Backend(Protocol):
         self, model_cfg: ModelConfig, train_cfg: dict[str, Any], data_dir: Path, out_dir: Path
     ) -> Path: ...
 
-    def evaluate(self, run_dir: Path, heldout: str, data_dir: Path) -> dict[str, Any]: ...
+    def evaluate(self, run_dir: Path, heldout: str, data_dir: Path, **options) -> dict[str, Any]: ...
 
 
 class KvlabBackend:
@@ -49,23 +49,35 @@ class KvlabBackend:
     def train(self, model_cfg: ModelConfig, train_cfg: dict[str, Any], data_dir: Path, out_dir: Path) -> Path:
         from kvlab.config import TrainConfig
         from kvlab.train import train
+        from kvlab.train.checkpointing import RESUME_FILE
 
-        # resume=True: a run killed mid-way continues from its last checkpoint instead of restarting
+        # a run killed after its first checkpoint continues from it instead of restarting
         return Path(
             train(
                 model_cfg,
                 TrainConfig.from_dict(train_cfg),
                 data_dir,
                 out_dir,
-                resume=True,
+                resume=(Path(out_dir) / RESUME_FILE).is_file(),
                 progress=sys.stderr.isatty(),
             )
         )
 
-    def evaluate(self, run_dir: Path, heldout: str, data_dir: Path) -> dict[str, Any]:
+    def evaluate(self, run_dir: Path, heldout: str, data_dir: Path, **options) -> dict[str, Any]:
         from kvlab.eval import evaluate
 
-        return evaluate(run_dir, heldout=[heldout])
+        corpus = heldout
+        if not options.pop("word_perplexity", True):
+            # Rolling word/byte perplexity over whole held-out documents dominates CPU evaluation (~80%
+            # of a cpu-tiny cell); a suite may skip it and keep heldout_loss and cloze accuracy.
+            from kvlab.checkpoint import read_config
+            from kvlab.data import load_tokenizer
+            from kvlab.eval.corpora import resolve_corpus
+
+            data_cfg = read_config(run_dir).get("data") or {}
+            corpus = resolve_corpus(heldout, data_cfg.get("dir"), load_tokenizer(run_dir))
+            corpus.documents = None
+        return evaluate(run_dir, heldout=[corpus], **options)
 
 
 @dataclass
@@ -154,7 +166,7 @@ def _run_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log) 
         log(f"    trained in {time.perf_counter() - t0:.1f}s -> runs/{cell.train_key}")
     train_s = json.loads((run_dir / TRAIN_DONE).read_text()).get("train_s")
     t0 = time.perf_counter()
-    metrics = backend.evaluate(run_dir, cell.heldout, data_dir)
+    metrics = backend.evaluate(run_dir, cell.heldout, data_dir, **cell.eval)
     eval_s = time.perf_counter() - t0
     summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("val_loss", "heldout_loss") if k in metrics)
     log(f"    evaluated in {eval_s:.1f}s: {summary}")

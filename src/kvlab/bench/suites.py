@@ -26,7 +26,8 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 DEFAULT_SUITE = "cpu-demo"
 
-_TOP_KEYS = {"suite", "model", "data", "train", "methods", "regimes"}
+_TOP_KEYS = {"suite", "model", "data", "train", "eval", "methods", "regimes"}
+_EVAL_KEYS = {"limit", "speed", "nocache", "cloze_size", "batch_size", "eval_iters", "word_perplexity"}
 _SUITE_KEYS = {"name", "description", "seeds", "seed", "pareto_regime"}
 _REGIME_KEYS = {"description", "model", "train", "heldout"}
 
@@ -58,6 +59,7 @@ class Suite:
     model: dict[str, Any]  # ModelConfig overrides applied to every cell
     data: dict[str, Any]  # kvlab.data.prepare arguments: corpus, tokenizer
     train: dict[str, Any]  # TrainConfig fields (the training budget); `preset` names a train preset
+    eval: dict[str, Any]  # kvlab.eval.evaluate options (limit, speed, ...): cheaper CPU evaluations
     methods: dict[str, AttentionConfig]  # display name -> attention structure, in table order
     regimes: tuple[Regime, ...]
     seeds: tuple[int, ...]
@@ -147,6 +149,8 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
 
     data = table(raw, "data", "")
     train = table(raw, "train", "")
+    eval_opts = table(raw, "eval", "")
+    _reject_unknown(eval_opts, _EVAL_KEYS, "eval.", fail)
 
     methods_raw = table(raw, "methods", "")
     if not methods_raw:
@@ -204,6 +208,7 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
         model=model,
         data=data,
         train=train,
+        eval=eval_opts,
         methods=methods,
         regimes=tuple(regimes),
         seeds=seed_list,
