@@ -353,7 +353,7 @@ def test_cli_train_and_resume(data_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--data", "{tmp}/missing"], "meta.json not found"),
+        (["--data", "{tmp}/missing"], "meta.json does not exist; run `kvlab data prepare`"),
         (["--set", "lr=1"], "expected SECTION.KEY=VALUE"),
         (["--set", "train.bogus=1"], "unknown train field"),
         (["--set", "train.max_iters=0"], "train.max_iters=0 must be a positive integer"),

@@ -8,55 +8,27 @@ step sees does not depend on the number of processes, and resume only needs the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvlab.errors import KvlabError
+from kvlab.data import DataError, read_meta
+from kvlab.data import open_split as _open_split
 
-
-class DataError(KvlabError):
-    """A dataset directory that cannot be trained on; the message names the file and the fix."""
-
-
-_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-
-
-def read_meta(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{path} not found; make the dataset with `kvlab data prepare` or pass --data DIR")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run `kvlab data prepare`") from e
-    if "vocab_size" not in meta:
-        raise DataError(f"{path} has no vocab_size; re-run `kvlab data prepare`")
-    return meta
+__all__ = ["DataError", "make_batch", "open_split", "rank_slices", "read_meta", "sample_offsets"]
 
 
 def open_split(data_dir: str | Path, split: str, meta: dict[str, Any], block_size: int) -> np.memmap:
     """Memory-map `<split>.bin` and check it holds more than one block of in-vocabulary tokens."""
-    path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise DataError(f"{path} not found; the dataset needs train.bin and val.bin (`kvlab data prepare`)")
-    dtype = meta.get("dtype", "uint16")
-    if dtype not in _DTYPES:
-        raise DataError(f"{path.parent / 'meta.json'}: dtype={dtype!r} unknown; expected uint16 or uint32")
-    tokens = np.memmap(path, dtype=_DTYPES[dtype], mode="r")
-    if len(tokens) <= block_size + 1:
-        raise DataError(
-            f"{path} holds {len(tokens)} tokens; training needs more than block_size + 1 = {block_size + 1} "
-            "(add text or lower model.block_size)"
-        )
+    tokens = _open_split(data_dir, split, min_tokens=block_size + 2)
     top = int(tokens.max())
     if top >= meta["vocab_size"]:
         raise DataError(
-            f"{path} holds token id {top} but meta.json says vocab_size={meta['vocab_size']}; "
-            "the token files and meta.json come from different tokenizers: re-run `kvlab data prepare`"
+            f"{Path(data_dir) / f'{split}.bin'} holds token id {top} but meta.json says "
+            f"vocab_size={meta['vocab_size']}; the token files and meta.json come from different tokenizers: "
+            "re-run `kvlab data prepare --force`"
         )
     return tokens
 
