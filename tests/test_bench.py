@@ -386,3 +386,38 @@ def test_report_files_from_a_bench(tmp_path, capsys):
     assert len(res.results) == 18
     # the dry run of a finished bench says nothing is left to do
     assert "18 of 18 cells already finished" in format_plan(suite, plan_cells(suite), tmp_path)
+
+
+@pytest.mark.slow
+def test_end_to_end_micro_bench(tmp_path, monkeypatch):
+    """Real data -> train -> eval for 2 methods x 1 seed, a few iterations; measured == analytic bytes."""
+    import random
+
+    monkeypatch.setenv("KVLAB_DATA", str(tmp_path / "data"))
+    rng = random.Random(0)
+    words = (
+        "the king queen crown sword castle river night day love war peace bread wine said went saw".split()
+    )
+    paragraphs = [" ".join(rng.choice(words) for _ in range(60)) + "." for _ in range(600)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(paragraphs))
+    text = MICRO_TOML.replace('corpus = "shakespeare"', f'corpus = "{corpus}"').replace(
+        '"bpe-8k"', '"bpe-300"'
+    )
+    text = text.replace("seeds = 2", "seeds = 1").replace(
+        '"gqa2-cla" = { kind = "gqa", n_kv_heads = 2, kv_share = "every:2" }', ""
+    )
+    text = text.split("[regimes.eval-other]")[0] + "[eval]\nword_perplexity = false\nspeed = false\n"
+    text = text.replace("[eval]\nlimit = 5\n", "")
+    suite = micro_suite(text)
+    res = run_bench(suite, tmp_path / "out", log=lambda m: None)
+    assert not res.failed and res.trained == 2 and len(res.results) == 2
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    for row in rows:
+        m = row["metrics"]
+        assert row["cache_bytes_match"] is True
+        assert 0 < m["heldout_loss"]["mean"] < math.log(320) + 0.5  # at most a little above uniform
+    assert {r["method"]: r["metrics"]["kv_bytes_per_token"]["mean"] for r in rows} == {"mha": 128, "mqa": 32}
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
+    again = run_bench(suite, tmp_path / "out", log=lambda m: None)
+    assert again.trained == 0 and again.evaluated == 0

@@ -16,8 +16,10 @@ def run(args: argparse.Namespace) -> int:
         from kvlab.data import prepare
     except ImportError as e:  # pragma: no cover - only while parts of kvlab are missing
         raise KvlabError(f"kvlab demo needs the data and bench packages ({e})") from e
+    from kvlab.bench.suites import load_suite
+
     print("kvlab demo: preparing the offline corpus ...", flush=True)
-    data_dir = prepare()
+    data_dir = prepare(**load_suite("cpu-demo").data)  # the default corpus, tokenized as the suite trains
     print(f"kvlab demo: data in {data_dir}; benchmarking suite cpu-demo into {args.out}", flush=True)
     return bench("cpu-demo", args.out, seeds=args.seeds)
 
