@@ -6,14 +6,23 @@ owner map says which layer's KV each layer reads, and the cache is built from th
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvlab.attention import KVStructure, get_variant
 from kvlab.attention.base import init_linear_, residual_std
 from kvlab.cache import CacheError, KVCache
 from kvlab.config import ModelConfig
+
+# cuDNN's SDPA builds a new execution plan for every new sequence length (about 5 ms of CPU per call on
+# an H100 with torch 2.11, measured), and generation changes the length every step (the cache's keys, or
+# the cropped context of cache-free decoding): inference on CUDA therefore uses the flash /
+# memory-efficient kernels (math as the fallback). Training (fixed shapes) keeps PyTorch's choice.
+_CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class MLP(nn.Module):
@@ -91,12 +100,15 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
         x = self.drop(x)
         kvs: dict[int, tuple] = {}  # payload of each owner layer, for its borrowers (no-cache path)
-        for i, block in enumerate(self.blocks):
-            owner = self.owners[i]
-            state = cache.state_for(i) if cache is not None else None
-            x, new_kv = block(x, pos, state=state, kv=None if owner == i else kvs.get(owner))
-            if owner == i and cache is None:
-                kvs[i] = new_kv
+        inference = cache is not None or not (self.training or torch.is_grad_enabled())
+        backends = sdpa_kernel(_CACHED_SDPA_BACKENDS) if inference and idx.is_cuda else nullcontext()
+        with backends:
+            for i, block in enumerate(self.blocks):
+                owner = self.owners[i]
+                state = cache.state_for(i) if cache is not None else None
+                x, new_kv = block(x, pos, state=state, kv=None if owner == i else kvs.get(owner))
+                if owner == i and cache is None:
+                    kvs[i] = new_kv
         if cache is not None:
             cache.advance(T)
         return self.lm_head(self.ln_f(x))

@@ -48,6 +48,8 @@ def resolve_device(device: str, ctx: DistContext) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and ctx.enabled:
         dev = torch.device("cuda", ctx.local_rank)
+    elif dev.type == "cuda" and dev.index is None:  # plain "cuda": the current device, made explicit
+        dev = torch.device("cuda", torch.cuda.current_device())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return dev
