@@ -23,7 +23,10 @@ def bench(suite_name: str, out: str | Path, seeds: int | None = None, dry_run: b
     result = run_bench(suite, out)
     out = Path(out)
     print()
-    print((out / "results.md").read_text())
+    # The terminal gets the main table; results.md also holds every other metric, per regime.
+    main_table = (out / "results.md").read_text().split("\n## Other metrics")[0].rstrip()
+    print(main_table)
+    print(f"\n(perplexities, cloze accuracy, ratios and memory per regime: {out / 'results.md'})")
     for name in ("results.json", "results.md", "pareto.png"):
         if (out / name).is_file():
             print(f"wrote {out / name}")

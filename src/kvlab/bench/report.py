@@ -110,6 +110,8 @@ def _fmt(stat: dict[str, float] | None, digits: int) -> str:
     values = stat.get("values", [])
     if len(values) > 1 and len(set(values)) > 1:  # identical over seeds (KV bytes, ratios): no "± 0"
         return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    if float(stat["mean"]).is_integer():  # counts and sizes (params, bytes, tokens) read as integers
+        return f"{int(stat['mean'])}"
     return f"{stat['mean']:.{digits}f}"
 
 
