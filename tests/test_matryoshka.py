@@ -225,7 +225,7 @@ def test_sample_ranks_draws_each_head_independently_from_the_allowed_set():
         (dict(v_ranks=[8, 8, 8, 0]), r"v_ranks\[3\]"),
         (dict(kv_rank=4), "kv_rank"),
         (dict(n_kv_heads=3), "n_kv_heads=3"),
-        (dict(kv_share="every:2"), "must own their KV"),
+        (dict(kv_share="every:2"), "the coefficients are only readable with the owner's projection"),
     ],
 )
 def test_bad_config_is_a_clear_error(fields, match):

@@ -206,7 +206,13 @@ class ModelConfig:
         owners = att.owners(self.n_layer)
         for i in range(self.n_layer):
             layer = att.for_layer(i)
-            get_variant(layer.kind).validate(layer, self)
+            variant = get_variant(layer.kind)
+            variant.validate(layer, self)
+            if owners[i] != i and variant.kv_share_unsupported:
+                raise ConfigError(
+                    f"kv_share makes layer {i} borrow layer {owners[i]}'s KV, but kind={layer.kind!r} layers "
+                    f"cannot share KV ({variant.kv_share_unsupported}); use kv_share only among other kinds"
+                )
             if owners[i] != i and layer != att.for_layer(owners[i]):
                 raise ConfigError(
                     f"layer {i} borrows KV from layer {owners[i]} but their attention structures differ; "

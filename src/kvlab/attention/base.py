@@ -106,6 +106,8 @@ class KVStructure(nn.Module):
 
     kind: str = ""
     provides_positions = False  # True: the layer encodes positions itself (RoPE) -> no learned wpe needed
+    # Why another layer cannot read this structure's cache (kv_share), or None when it can.
+    kv_share_unsupported: str | None = None
 
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__()

@@ -65,6 +65,8 @@ class ContextState:
 class ContextAttention(KVStructure):
     """Attention over strided context slots plus the current chunk's raw tokens."""
 
+    kv_share_unsupported = "its cache is a bounded ring of slots and the current chunk, not every token"
+
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__(cfg, model_cfg, layer_idx, owns_kv)
         shape = resolve(cfg, model_cfg)
@@ -114,15 +116,6 @@ class ContextAttention(KVStructure):
                 f"n_kv_heads={s.n_kv_heads} must divide n_head={model_cfg.n_head}; "
                 f"try {_divisors(model_cfg.n_head)}"
             )
-        att = model_cfg.attention
-        if isinstance(att, AttentionConfig):
-            owners = att.owners(model_cfg.n_layer)
-            for i, o in enumerate(owners):
-                if o != i and att.for_layer(o).kind == "context":
-                    raise ConfigError(
-                        f"layer {i} borrows KV from Context-KV layer {o}, but Context-KV layers cannot share "
-                        "KV; use kv_share only among non-context layers (e.g. an explicit owner list)"
-                    )
 
     def reset_parameters(self) -> None:
         self.context_block.reset_parameters()  # PyTorch's GRU init (uniform +-1/sqrt(d)), not N(0, 0.02)

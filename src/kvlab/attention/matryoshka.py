@@ -61,6 +61,8 @@ class MatryoshkaAttention(GroupedAttention):
     GQA state dict loads into this layer with only the projection parameters added.
     """
 
+    kv_share_unsupported = "the coefficients are only readable with the owner's projection"
+
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__(cfg, model_cfg, layer_idx, owns_kv)
         H, D = self.n_kv_heads, self.head_dim
@@ -89,16 +91,6 @@ class MatryoshkaAttention(GroupedAttention):
                     f"{name} is not used by kind='matryoshka'; remove it or pick the kind that uses it"
                 )
         _config_ranks(cfg, n or model_cfg.n_head, model_cfg.head_dim)
-        att = model_cfg.attention
-        if isinstance(att, AttentionConfig):
-            owners = att.owners(model_cfg.n_layer)
-            for i, o in enumerate(owners):
-                if o != i and att.for_layer(i).kind == "matryoshka":
-                    raise ConfigError(
-                        f"kv_share makes layer {i} borrow layer {o}'s KV, but kind='matryoshka' layers must "
-                        "own their KV (the coefficients are only readable with the owner's projection); "
-                        "use kv_share='none' or another kind for shared layers"
-                    )
 
     def reset_parameters(self) -> None:
         """Identity rotation and zero means: the layer equals plain grouped attention at full rank."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kvlab.bench.suites import Suite, SuiteError
-from kvlab.commands.info import format_table
+from kvlab.commands.info import KV_COLUMNS, format_table
 from kvlab.model import GPT
 
 HASH_CHARS = 16  # 64 bits of sha256: collisions are not a concern at bench scale
@@ -169,16 +169,7 @@ def format_plan(suite: Suite, cells: list[Cell], out_dir: str | Path | None = No
         )
         lines.append(f"  {r.name:<18} {trains:<28} {budget}; held-out: {r.heldout}")
     lines += ["", "methods (analytic KV footprint at bf16, from the model on the meta device):"]
-    columns = [
-        ("method", "method", ""),
-        ("kind", "kind", ""),
-        ("params_M", "params (M)", ".1f"),
-        ("kv_bytes_per_token", "KV B/token/layer", ".0f"),
-        ("kv_bytes_per_token_total", "KV B/token", ".0f"),
-        ("head_sharing_ratio", "head share", ".2f"),
-        ("layer_sharing_ratio", "layer share", ".2f"),
-        ("latent_rank_ratio", "latent ratio", ".2f"),
-    ]
+    columns = [("method", "method", ""), ("kind", "kind", "")] + KV_COLUMNS[1:]  # kvlab info's columns
     lines += ["  " + line for line in format_table(method_kv_table(suite), columns).splitlines()]
     if out_dir is not None:
         lines += [
