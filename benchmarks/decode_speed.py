@@ -23,6 +23,7 @@ import torch
 from kvlab import GPT, ModelConfig
 from kvlab.checkpoint import environment_info
 from kvlab.errors import KvlabError
+from kvlab.generate import decode_one_token
 
 STRUCTURES = ("mha", "gqa", "mqa", "mla", "cla2", "mlkv-2", "matryoshka-8", "context-32")
 # per shape: (batch sizes, context lengths) that fit its block_size and a 2-core CPU's patience
@@ -38,28 +39,40 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def cached_decode(model: GPT, batch: int, context: int, steps: int, dtype, device) -> dict:
-    """Prefill `context` random tokens, then time `steps` single-token decode steps over the cache."""
+def cached_decode(model: GPT, batch: int, context: int, steps: int, dtype, device, step_fn=None) -> dict:
+    """Prefill `context` random tokens, then time `steps` single-token decode steps over the cache.
+
+    step_fn: the decode step (default: eager `decode_one_token`; pass a compiled one to time that). A
+    compiled step gets 3 untimed warm-up steps first, so compilation is not counted.
+    """
+    step_fn = step_fn or decode_one_token
+    warm = 3 if step_fn is not decode_one_token else 0
     vocab = model.config.vocab_size
     idx = torch.randint(0, vocab, (batch, context), device=device)
-    cache = model.new_cache(batch_size=batch, max_len=context + steps + 1, dtype=dtype)
+    max_len = context + warm + steps + 1
+    cache = model.new_cache(batch_size=batch, max_len=max_len, dtype=dtype)
     _sync(device)
     t0 = time.perf_counter()
     token = model(idx, cache=cache)[:, -1:].argmax(-1)  # (B, 1)
     _sync(device)
     t1 = time.perf_counter()
+    for _ in range(warm):
+        token = step_fn(model, token, cache).argmax(-1, keepdim=True)  # (B, 1)
+    _sync(device)
+    t1w = time.perf_counter()
     for _ in range(steps):
-        token = model(token, cache=cache)[:, -1:].argmax(-1)  # (B, 1)
+        token = step_fn(model, token, cache).argmax(-1, keepdim=True)  # (B, 1)
     _sync(device)
     t2 = time.perf_counter()
-    analytic = model.kv_cache_bytes(batch_size=batch, max_len=context + steps + 1, dtype=dtype)
+    t1 = t1w if warm else t1
+    analytic = model.kv_cache_bytes(batch_size=batch, max_len=max_len, dtype=dtype)
     if cache.nbytes() != analytic:
         raise AssertionError(f"measured cache bytes {cache.nbytes()} != analytic {analytic}")
     return {
         "prefill_s": t1 - t0,
         "decode_toks_per_s": batch * steps / (t2 - t1),
         "cache_bytes": cache.nbytes(),
-        "cache_bytes_per_token": cache.nbytes() / (batch * (context + steps + 1)),
+        "cache_bytes_per_token": cache.nbytes() / (batch * max_len),
     }
 
 
@@ -97,10 +110,11 @@ def run(args) -> list[dict]:
             if model is None:
                 continue
             kv = model.kv_metrics()
-            cached_decode(model, 1, min(contexts), 2, dtype, device)  # warm-up (allocator, kernels)
+            step_fn = torch.compile(decode_one_token, dynamic=True) if args.compile else None
+            cached_decode(model, 1, min(contexts), 2, dtype, device, step_fn)  # warm-up (allocator, kernels)
             for context in contexts:
                 for batch in batches:
-                    r = cached_decode(model, batch, context, args.new_tokens, dtype, device)
+                    r = cached_decode(model, batch, context, args.new_tokens, dtype, device, step_fn)
                     row = {"shape": shape, "structure": structure, "batch": batch, "context": context, **r}
                     row["kv_bytes_per_token"] = kv["kv_bytes_per_token"]
                     if args.nocache and batch == 1:
@@ -135,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per cell")
     p.add_argument("--no-nocache", dest="nocache", action="store_false", help="skip cache-free generation")
     p.add_argument("--quick", action="store_true", help="8 decode steps per cell (smoke test)")
+    p.add_argument(
+        "--compile", action="store_true", help="time a compiled decode step"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
