@@ -88,8 +88,16 @@ def causal_attention(
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
         )
-    if T == 1 and q_start == S - 1:  # one decode step sees every held key
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
+    if T == 1 and q_start == S - 1:  # one decode step sees every held key: no mask
+        if gqa:
+            # Fold each KV head's group of query heads onto the query axis, (B, H_kv, G, D): every KV head
+            # is read once per step by the fast kernels, instead of SDPA's GQA fallback expanding K/V.
+            B, H, _, D = q.shape
+            y = F.scaled_dot_product_attention(
+                q.reshape(B, k.shape[1], H // k.shape[1], D), k, v, scale=scale, dropout_p=dropout_p
+            )  # (B, H_kv, G, Dv)
+            return y.reshape(B, H, 1, v.shape[-1])
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
     q_pos = torch.arange(q_start, q_start + T, device=q.device)
     mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # (T, S)
     return F.scaled_dot_product_attention(
