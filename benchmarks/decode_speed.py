@@ -149,9 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per cell")
     p.add_argument("--no-nocache", dest="nocache", action="store_false", help="skip cache-free generation")
     p.add_argument("--quick", action="store_true", help="8 decode steps per cell (smoke test)")
-    p.add_argument(
-        "--compile", action="store_true", help="time a compiled decode step"
-    )
+    p.add_argument("--compile", action="store_true", help="time a compiled decode step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
