@@ -207,7 +207,7 @@ class ModelConfig:
         for i in range(self.n_layer):
             layer = att.for_layer(i)
             variant = get_variant(layer.kind)
-            variant.validate(layer, self)
+            variant.check_config(layer, self)
             if owners[i] != i and variant.kv_share_unsupported:
                 raise ConfigError(
                     f"kv_share makes layer {i} borrow layer {owners[i]}'s KV, but kind={layer.kind!r} layers "

@@ -15,11 +15,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kvlab.config import AttentionConfig, ConfigError, ModelConfig
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig, _divisors
 
 Payload = tuple[torch.Tensor, ...]
 
 _REGISTRY: dict[str, type[KVStructure]] = {}
+
+# AttentionConfig fields that only some kinds read; each kind lists its own in `config_fields`, and setting
+# any other one is a mistake reported by `KVStructure.check_config`.
+OPTIONAL_FIELDS = (
+    "n_kv_heads", "kv_rank", "rope_dim", "q_rank", "ranks", "k_ranks", "v_ranks",
+    "interval", "max_contexts", "local_window", "context_dim",
+)  # fmt: skip
 
 
 def register(kind: str) -> Callable[[type[KVStructure]], type[KVStructure]]:
@@ -129,9 +136,26 @@ class KVStructure(nn.Module):
         self.n_layer = model_cfg.n_layer
 
     # ---- configuration --------------------------------------------------------------------------
+    config_fields: tuple[str, ...] = ()  # the OPTIONAL_FIELDS this kind reads
+
+    @classmethod
+    def check_config(cls, cfg: AttentionConfig, model_cfg: ModelConfig) -> None:
+        """Checks shared by every kind (no foreign fields; n_kv_heads divides n_head), then `validate`."""
+        for name in OPTIONAL_FIELDS:
+            if name not in cls.config_fields and getattr(cfg, name) is not None:
+                raise ConfigError(
+                    f"{name} is not used by kind={cls.kind!r}; remove it or pick the kind that uses it"
+                )
+        n = cfg.n_kv_heads
+        if n is not None and (n <= 0 or model_cfg.n_head % n):
+            raise ConfigError(
+                f"n_kv_heads={n} must divide n_head={model_cfg.n_head}; try {_divisors(model_cfg.n_head)}"
+            )
+        cls.validate(cfg, model_cfg)
+
     @classmethod
     def validate(cls, cfg: AttentionConfig, model_cfg: ModelConfig) -> None:
-        """Raise ConfigError for fields this kind cannot use. Default: nothing extra to check."""
+        """Raise ConfigError for values this kind cannot use (after `check_config`'s shared checks)."""
 
     def reset_parameters(self) -> None:
         """Re-initialise structure-specific parameters after the model's generic init (default: none)."""

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kvlab.attention.base import KVStructure, register
-from kvlab.config import AttentionConfig, ConfigError, ModelConfig, _divisors
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig
 from kvlab.errors import KvlabError
 
 DEFAULT_INTERVAL = 32  # seed 001: context_interval = 32
@@ -66,6 +66,7 @@ class ContextAttention(KVStructure):
     """Attention over strided context slots plus the current chunk's raw tokens."""
 
     kv_share_unsupported = "its cache is a bounded ring of slots and the current chunk, not every token"
+    config_fields = ("n_kv_heads", "interval", "max_contexts", "local_window", "context_dim")
 
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__(cfg, model_cfg, layer_idx, owns_kv)
@@ -89,11 +90,6 @@ class ContextAttention(KVStructure):
     # ---- configuration --------------------------------------------------------------------------
     @classmethod
     def validate(cls, cfg: AttentionConfig, model_cfg: ModelConfig) -> None:
-        for name in ("kv_rank", "rope_dim", "q_rank", "ranks", "k_ranks", "v_ranks"):
-            if getattr(cfg, name) is not None:
-                raise ConfigError(
-                    f"{name} is not used by kind='context'; remove it or pick the kind that uses it"
-                )
         s = resolve(cfg, model_cfg)
         if s.interval < 1:
             raise ConfigError(f"interval={s.interval} must be >= 1 (tokens per context slot); try 32")
@@ -111,11 +107,6 @@ class ContextAttention(KVStructure):
             )
         if s.context_dim < 1:
             raise ConfigError(f"context_dim={s.context_dim} must be >= 1; try n_embd // 2")
-        if s.n_kv_heads <= 0 or model_cfg.n_head % s.n_kv_heads:
-            raise ConfigError(
-                f"n_kv_heads={s.n_kv_heads} must divide n_head={model_cfg.n_head}; "
-                f"try {_divisors(model_cfg.n_head)}"
-            )
 
     def reset_parameters(self) -> None:
         self.context_block.reset_parameters()  # PyTorch's GRU init (uniform +-1/sqrt(d)), not N(0, 0.02)

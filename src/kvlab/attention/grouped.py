@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from kvlab.attention.base import KVStructure, Payload, TensorState, causal_attention, register
-from kvlab.config import AttentionConfig, ConfigError, ModelConfig, _divisors
+from kvlab.config import AttentionConfig, ModelConfig
 
 
 @register("gqa")
@@ -26,18 +26,7 @@ class GroupedAttention(KVStructure):
         self.kv_proj = nn.Linear(self.n_embd, 2 * kv_width, bias=model_cfg.bias) if owns_kv else None
         self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=model_cfg.bias)
 
-    @classmethod
-    def validate(cls, cfg: AttentionConfig, model_cfg: ModelConfig) -> None:
-        n = cfg.n_kv_heads
-        if n is not None and (n <= 0 or model_cfg.n_head % n):
-            raise ConfigError(
-                f"n_kv_heads={n} must divide n_head={model_cfg.n_head}; try {_divisors(model_cfg.n_head)}"
-            )
-        for name in ("kv_rank", "rope_dim", "q_rank", "ranks", "k_ranks", "v_ranks", "interval"):
-            if getattr(cfg, name) is not None:
-                raise ConfigError(
-                    f"{name} is not used by kind='gqa'; remove it or pick the kind that uses it"
-                )
+    config_fields = ("n_kv_heads",)
 
     def project_kv(self, x: torch.Tensor, pos: int) -> Payload:
         B, T, _ = x.shape

@@ -19,7 +19,7 @@ import torch.nn as nn
 from kvlab.attention.base import Payload, TensorState, causal_attention, register
 from kvlab.attention.grouped import GroupedAttention
 from kvlab.cache import CacheError
-from kvlab.config import AttentionConfig, ConfigError, ModelConfig, _divisors
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig
 
 RankSpec = int | Sequence[int | Sequence[int]]
 
@@ -62,6 +62,7 @@ class MatryoshkaAttention(GroupedAttention):
     """
 
     kv_share_unsupported = "the coefficients are only readable with the owner's projection"
+    config_fields = ("n_kv_heads", "ranks", "k_ranks", "v_ranks")
 
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__(cfg, model_cfg, layer_idx, owns_kv)
@@ -79,18 +80,7 @@ class MatryoshkaAttention(GroupedAttention):
     # ---- configuration --------------------------------------------------------------------------
     @classmethod
     def validate(cls, cfg: AttentionConfig, model_cfg: ModelConfig) -> None:
-        n = cfg.n_kv_heads
-        if n is not None and (n <= 0 or model_cfg.n_head % n):
-            raise ConfigError(
-                f"n_kv_heads={n} must divide n_head={model_cfg.n_head}; try {_divisors(model_cfg.n_head)}"
-            )
-        unused = ("kv_rank", "rope_dim", "q_rank", "interval", "max_contexts", "local_window", "context_dim")
-        for name in unused:
-            if getattr(cfg, name) is not None:
-                raise ConfigError(
-                    f"{name} is not used by kind='matryoshka'; remove it or pick the kind that uses it"
-                )
-        _config_ranks(cfg, n or model_cfg.n_head, model_cfg.head_dim)
+        _config_ranks(cfg, cfg.n_kv_heads or model_cfg.n_head, model_cfg.head_dim)
 
     def reset_parameters(self) -> None:
         """Identity rotation and zero means: the layer equals plain grouped attention at full rank."""

@@ -34,6 +34,7 @@ class LatentAttention(KVStructure):
     """
 
     provides_positions = True  # the decoupled RoPE key carries positions; an all-MLA model has no wpe
+    config_fields = ("kv_rank", "rope_dim", "q_rank")  # no n_kv_heads: the latent is one shared KV head
 
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__(cfg, model_cfg, layer_idx, owns_kv)
@@ -78,17 +79,6 @@ class LatentAttention(KVStructure):
             )
         if cfg.rope_theta <= 0:
             raise ConfigError(f"rope_theta={cfg.rope_theta} must be positive; the usual value is 10000")
-        if cfg.n_kv_heads is not None:
-            raise ConfigError(
-                f"n_kv_heads={cfg.n_kv_heads} is not used by kind='mla' (its latent is one shared KV head); "
-                "remove it"
-            )
-        unused = ("ranks", "k_ranks", "v_ranks", "interval", "max_contexts", "local_window", "context_dim")
-        for name in unused:
-            if getattr(cfg, name) is not None:
-                raise ConfigError(
-                    f"{name} is not used by kind='mla'; remove it or pick the kind that uses it"
-                )
 
     def reset_parameters(self) -> None:
         # RMSNorm gains start at 1 (the model's generic init only touches Linear and Embedding).
