@@ -169,6 +169,9 @@ class ModelConfig:
     bias: bool = False  # biases in Linear/LayerNorm (GPT-2 checkpoints: True; nanoGPT default: False)
     dropout: float = 0.0  # 0 for pretraining (nanoGPT); try 0.1 when fine-tuning
     family: str = "gpt2"  # block layout: gpt2 = learned positions, pre-LN, GELU MLP, tied head
+    # MLP nonlinearity: "gelu" exact as nanoGPT; "gelu_tanh" as GPT-2 checkpoints (HF's gelu_new), so
+    # imported weights reproduce their logits.
+    activation: str = "gelu"
     attention: AttentionConfig | str = field(default_factory=AttentionConfig)
 
     def __post_init__(self) -> None:
@@ -183,6 +186,10 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation={self.activation!r} unknown; choose one of {', '.join(ACTIVATIONS)}"
+            )
         if self.family not in FAMILIES:
             raise ConfigError(f"family={self.family!r} unknown; choose one of {', '.join(FAMILIES)}")
         if isinstance(self.attention, str):
@@ -242,6 +249,7 @@ class ModelConfig:
 
 
 FAMILIES = ("gpt2",)
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 small as nanoGPT trains it (seed 000): 124M parameters.
