@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "kvlab.commands.generate",
     "kvlab.bench.cli",
     "kvlab.plugin.cli",
+    "kvlab.commands.search_ranks",
     "kvlab.commands.info",
 )
 
