@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
 from kvlab import AttentionConfig
 from kvlab.attention.matryoshka import get_ranks
@@ -19,6 +18,8 @@ from kvlab.convert.matryoshka import pca_init_
 from kvlab.errors import KvlabError
 from kvlab.model import GPT
 from kvlab.search import final_hidden, greedy_rank_search
+
+from conftest import tiny_config
 
 N_LAYER, H_KV, D = 2, 2, 16  # head_dim 16: default step 2
 
