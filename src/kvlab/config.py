@@ -20,6 +20,14 @@ class ConfigError(KvlabError):
     """A user mistake in a configuration; the message is one line naming the field and the fix."""
 
 
+def _reject_unknown_fields(cls, d: dict[str, Any], what: str) -> None:
+    """One-line ConfigError for keys of d that are not fields of dataclass cls (a typo in a JSON config)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} field(s) {unknown}; known fields: {sorted(known)}")
+
+
 def _divisors(n: int) -> str:
     ds = [d for d in range(1, n + 1) if n % d == 0]
     return ", ".join(map(str, ds[:-1])) + f" or {ds[-1]}" if len(ds) > 1 else str(n)
@@ -82,10 +90,7 @@ class AttentionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AttentionConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown attention field(s) {unknown}; known fields: {sorted(known)}")
+        _reject_unknown_fields(cls, d, "attention")
         d = dict(d)
         d["layers"] = {int(i): cls.from_dict(c) for i, c in d.get("layers", {}).items()}
         return cls(**d)
@@ -233,10 +238,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown model field(s) {unknown}; known fields: {sorted(known)}")
+        _reject_unknown_fields(cls, d, "model")
         return cls(**d)
 
     @classmethod
@@ -316,8 +318,5 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown train field(s) {unknown}; known fields: {sorted(known)}")
+        _reject_unknown_fields(cls, d, "train")
         return cls(**d)
