@@ -2,5 +2,5 @@
 
 Each converter builds the target model, copies every shared tensor key by key asserting its shape, and
 initialises only what the target adds, so at its no-op setting the converted model reproduces the original.
-Modules: hf_gpt2 (HF GPT-2 import), grouped (to_gqa, to_kv_share), matryoshka (to_matryoshka).
+Modules: hf_gpt2 (HF GPT-2 import), grouped (to_gqa, to_kv_share), matryoshka (to_matryoshka), common.
 """

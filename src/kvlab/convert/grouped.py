@@ -11,34 +11,9 @@ import dataclasses
 
 import torch
 
-from kvlab.config import AttentionConfig, ConfigError, _divisors
+from kvlab.config import ConfigError, _divisors
+from kvlab.convert.common import build_like, grouped_attention_or_error
 from kvlab.model import GPT
-
-
-def _grouped_attention_or_error(model: GPT, fn: str) -> AttentionConfig:
-    att = model.config.attention
-    if att.kind != "gqa" or att.layers:
-        raise ConfigError(
-            f"{fn} converts kind='gqa' models without per-layer overrides; got kind={att.kind!r}"
-            f"{' with layers overrides' if att.layers else ''}"
-        )
-    return att
-
-
-def _build_like(model: GPT, att: AttentionConfig, tensors: dict[str, torch.Tensor], fn: str) -> GPT:
-    """A GPT with `model`'s config but attention `att`, loaded from `tensors` (every key, shapes asserted)."""
-    cfg = dataclasses.replace(model.config, attention=att)
-    ref = model.wte.weight
-    target = GPT(cfg).to(device=ref.device, dtype=ref.dtype)
-    state = target.state_dict()
-    assert set(state) == set(tensors), f"{fn}: tensors differ: {sorted(set(state) ^ set(tensors))[:4]}"
-    for name, tensor in tensors.items():
-        shape, want = tuple(tensor.shape), tuple(state[name].shape)
-        assert shape == want, f"{fn}: {name} has shape {shape}, the converted model expects {want}"
-        state[name] = tensor.detach().clone()
-    target.load_state_dict(state, strict=True)
-    target.train(model.training)
-    return target
 
 
 def _kv_keys(state: dict[str, torch.Tensor], layer: int) -> list[str]:
@@ -53,7 +28,7 @@ def to_gqa(model: GPT, n_kv_heads: int) -> GPT:
     Query head h reads KV head h // (n_head / n_kv_heads), so new KV head j pools the old heads serving
     the same query heads: a contiguous block of old_n_kv_heads / n_kv_heads heads. Weights and biases alike.
     """
-    att = _grouped_attention_or_error(model, "to_gqa")
+    att = grouped_attention_or_error(model, "to_gqa")
     cfg = model.config
     old = att.n_kv_heads or cfg.n_head
     if not isinstance(n_kv_heads, int) or n_kv_heads <= 0 or old % n_kv_heads:
@@ -72,7 +47,7 @@ def to_gqa(model: GPT, n_kv_heads: int) -> GPT:
             grouped = t.reshape(2, n_kv_heads, g, D, *t.shape[1:])  # (K|V, new head, group, D, [C])
             out[key] = grouped.mean(dim=2).reshape(2 * n_kv_heads * D, *t.shape[1:])
     new_att = dataclasses.replace(att, n_kv_heads=n_kv_heads)
-    return _build_like(model, new_att, out, "to_gqa")
+    return build_like(model, new_att, out, "to_gqa")
 
 
 @torch.no_grad()
@@ -83,7 +58,7 @@ def to_kv_share(model: GPT, kv_share: str | list[int]) -> GPT:
     borrow from it, itself included; borrowers keep their queries, outputs and MLPs and lose kv_proj.
     The source must not share KV already (kv_share='none').
     """
-    att = _grouped_attention_or_error(model, "to_kv_share")
+    att = grouped_attention_or_error(model, "to_kv_share")
     if att.kv_share != "none":
         raise ConfigError(
             f"to_kv_share needs a model with kv_share='none' (got {att.kv_share!r}); "
@@ -98,4 +73,4 @@ def to_kv_share(model: GPT, kv_share: str | list[int]) -> GPT:
         for key in _kv_keys(state, o):
             suffix = key.rsplit(".", 1)[-1]
             out[key] = torch.stack([state[f"blocks.{i}.attn.kv_proj.{suffix}"] for i in group]).mean(dim=0)
-    return _build_like(model, new_att, out, "to_kv_share")
+    return build_like(model, new_att, out, "to_kv_share")
