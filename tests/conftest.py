@@ -36,6 +36,15 @@ VARIANTS: dict[str, AttentionConfig] = {
 }
 
 
+# Every model family with what makes it differ at tiny size: NeoX rotates half of each 8-dim head here
+# (Pythia: 25% of 64) and uses a parallel residual; Llama has RMSNorm, SwiGLU, no biases, untied head.
+FAMILIES: dict[str, dict] = {
+    "gpt2": dict(family="gpt2"),
+    "neox": dict(family="neox", rotary_pct=0.5),
+    "llama": dict(family="llama", bias=False, intermediate_size=48, rope_theta=500.0),
+}
+
+
 def tiny_config(attention: AttentionConfig | str, **overrides) -> ModelConfig:
     fields = dict(n_layer=4, n_head=4, n_embd=32, block_size=64, vocab_size=97, bias=True, dropout=0.0)
     fields.update(overrides)

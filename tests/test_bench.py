@@ -151,7 +151,7 @@ def test_user_suite_from_file(tmp_path):
         (lambda t: t.replace("n_kv_heads = 2,", "n_kv_heads = 3,"), "methods.gqa2-cla"),
         (
             lambda t: t.replace('kind = "gqa", n_kv_heads', 'kind = "gqa", n_kv_head'),
-            "unknown attention field",
+            "n_kv_head is not an option of attention kind='gqa'",
         ),
         (lambda t: t.replace("seeds = 2", "seeds = 0"), "suite.seeds=0"),
         (lambda t: t.replace("max_iters = 3", "max_iters = -3"), "train.max_iters=-3"),

@@ -217,13 +217,13 @@ def test_collect_contexts_errors():
         (AttentionConfig(kind="context", max_contexts=0), "max_contexts=0 must be >= 1"),
         (AttentionConfig(kind="context", context_dim=0), "context_dim=0 must be >= 1"),
         (AttentionConfig(kind="context", n_kv_heads=3), "n_kv_heads=3 must divide n_head=4; try 1, 2 or 4"),
-        (AttentionConfig(kind="context", kv_rank=8), "kv_rank is not used by kind='context'"),
+        (dict(kind="context", kv_rank=8), "kv_rank is not an option of attention kind='context'"),
         (AttentionConfig(kind="context", interval=4, kv_share="every:2"), "cannot share KV"),
     ],
 )
 def test_config_errors_name_the_field(att, match):
     with pytest.raises(ConfigError, match=match):
-        tiny_config(att)
+        tiny_config(AttentionConfig(**att) if isinstance(att, dict) else att)
 
 
 def test_preset_defaults():

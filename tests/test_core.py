@@ -98,7 +98,7 @@ def test_mlkv_owner_spacing_matches_seed_002():
         (lambda: tiny_config("gqa-ish"), "unknown attention preset 'gqa-ish'"),
         (lambda: ModelConfig.preset("gpt5"), "unknown model preset 'gpt5'"),
         (lambda: tiny_config("mha", n_embd=30), "n_embd=30 must be divisible by n_head=4"),
-        (lambda: tiny_config(AttentionConfig(kv_rank=8)), "kv_rank is not used by kind='gqa'"),
+        (lambda: tiny_config(AttentionConfig(kv_rank=8)), "kv_rank is not an option of attention kind='gqa'"),
         (
             lambda: tiny_config(
                 AttentionConfig(kv_share="every:2", layers={1: AttentionConfig(n_kv_heads=1)})
@@ -216,3 +216,50 @@ def test_cli_subprocess_error_has_no_traceback():
         "kvlab: error: kv_share='groups:99': N must be between 1 and n_layer=12"
     ]
     assert "Traceback" not in r.stderr
+
+
+def test_attention_options_belong_to_their_kind_and_old_configs_load():
+    """Each kind owns its options; configs written by kvlab 0.1 (every kind's field, unused ones null)
+    still load, while a set option of another kind is refused with one line."""
+    legacy = {
+        "kind": "gqa", "n_kv_heads": 2, "kv_share": "every:2", "kv_rank": None, "rope_dim": None,
+        "q_rank": None, "rope_theta": 10000.0, "ranks": None, "k_ranks": None, "v_ranks": None,
+        "interval": None, "max_contexts": None, "local_window": None, "context_dim": None, "layers": {},
+    }  # fmt: skip
+    att = AttentionConfig.from_dict(legacy)
+    assert att == AttentionConfig(kind="gqa", n_kv_heads=2, kv_share="every:2")
+    assert att.to_dict() == {"kind": "gqa", "n_kv_heads": 2, "kv_share": "every:2", "layers": {}}
+    assert AttentionConfig.from_dict(att.to_dict()) == att
+    with pytest.raises(ConfigError, match="kv_rank is not an option of attention kind='gqa'"):
+        AttentionConfig.from_dict({**legacy, "kv_rank": 8})
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        AttentionConfig.from_dict("hello")
+    mla = AttentionConfig(kind="mla", kv_rank=8, rope_dim=4)
+    assert mla.replace(kv_rank=16).kv_rank == 16 and mla.kv_rank == 8
+    assert mla.replace(kind="gqa") == AttentionConfig(kind="gqa")  # a new kind starts from its defaults
+    with pytest.raises(AttributeError):
+        mla.n_kv_heads  # noqa: B018
+
+
+def test_model_families_resolve_their_defaults():
+    llama = ModelConfig.preset("smollm2-135m")
+    assert (llama.norm, llama.activation, llama.gated_mlp, llama.positions) == (
+        "rmsnorm",
+        "silu",
+        True,
+        "rope",
+    )
+    assert llama.tie_embeddings and llama.rope_theta == 100000.0 and llama.attention.n_kv_heads == 3
+    pythia = ModelConfig.preset("pythia-70m")
+    assert pythia.parallel_residual and pythia.rope_dim == 16 and not pythia.tie_embeddings  # 25% of 64
+    assert ModelConfig.from_dict(pythia.to_dict()) == pythia
+    with torch.device("meta"):
+        assert GPT(pythia).wpe is None and GPT(ModelConfig.preset("gpt2-124m")).wpe is not None
+    for bad, match in (
+        (dict(family="opt"), "family='opt' unknown"),
+        (dict(family="neox", rotary_pct=0.01), "RoPE needs a positive even number"),
+        (dict(family="llama", rope_scaling={"rope_type": "yarn", "factor": 4}), "rope_type"),
+        (dict(bias="yes"), "bias='yes' must be true or false"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            ModelConfig(**bad)

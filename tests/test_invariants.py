@@ -1,4 +1,5 @@
-"""The invariants that define correctness, for every registered KV structure and combination.
+"""The invariants that define correctness, for every registered KV structure and combination, in every
+model family (GPT-2 learned positions; NeoX and Llama RoPE, whose keys are cached post-RoPE).
 
 1. cached prefill + step-by-step decode == the full forward (logits and greedy tokens);
 2. cache.nbytes() == model.kv_cache_bytes(...) exactly, and borrowing layers allocate nothing;
@@ -14,19 +15,23 @@ import torch
 from kvlab import GPT
 from kvlab.generate import generate
 
-from conftest import VARIANTS, tiny_config
+from conftest import FAMILIES, VARIANTS, tiny_config
 
 IDS = sorted(VARIANTS)
 
 
-def _model(name: str) -> GPT:
-    return GPT(tiny_config(VARIANTS[name])).eval()
+FAMS = sorted(FAMILIES)
 
 
+def _model(name: str, family: str = "gpt2") -> GPT:
+    return GPT(tiny_config(VARIANTS[name], **FAMILIES[family])).eval()
+
+
+@pytest.mark.parametrize("family", FAMS)
 @pytest.mark.parametrize("name", IDS)
 @torch.inference_mode()
-def test_cached_decode_matches_full_forward(name):
-    model = _model(name)
+def test_cached_decode_matches_full_forward(name, family):
+    model = _model(name, family)
     B, T, t0 = 2, 23, 9
     idx = torch.randint(0, model.config.vocab_size, (B, T))
     full = model(idx)
@@ -48,10 +53,11 @@ def test_chunked_prefill_matches_full_forward(name):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMS)
 @pytest.mark.parametrize("name", IDS)
 @torch.inference_mode()
-def test_greedy_tokens_match_uncached(name):
-    model = _model(name)
+def test_greedy_tokens_match_uncached(name, family):
+    model = _model(name, family)
     prompt = torch.randint(0, model.config.vocab_size, (1, 6))
     cached = generate(model, prompt, max_new_tokens=12).tokens
     ref = prompt
@@ -60,11 +66,12 @@ def test_greedy_tokens_match_uncached(name):
     assert torch.equal(cached, ref)
 
 
+@pytest.mark.parametrize("family", FAMS)
 @pytest.mark.parametrize("name", IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
-def test_measured_cache_bytes_equal_analytic(name, dtype):
-    model = _model(name)
+def test_measured_cache_bytes_equal_analytic(name, dtype, family):
+    model = _model(name, family)
     for B, max_len in ((1, 17), (3, 64)):
         cache = model.new_cache(batch_size=B, max_len=max_len, dtype=dtype)
         model(torch.randint(0, model.config.vocab_size, (B, 5)), cache=cache)  # a real prefill
@@ -84,10 +91,11 @@ def test_kv_bytes_per_token_consistent_with_cache_growth(name):
     assert m["kv_bytes_per_token_total"] == pytest.approx(m["kv_bytes_per_token"] * model.config.n_layer)
 
 
+@pytest.mark.parametrize("family", FAMS)
 @pytest.mark.parametrize("name", IDS)
-def test_training_step_reduces_loss(name):
+def test_training_step_reduces_loss(name, family):
     """Every structure trains: a few AdamW steps on one batch lower its loss (gradients reach all owners)."""
-    model = GPT(tiny_config(VARIANTS[name])).train()
+    model = _model(name, family).train()
     idx = torch.randint(0, model.config.vocab_size, (4, 33))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -99,3 +107,28 @@ def test_training_step_reduces_loss(name):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("family", ["neox", "llama"])
+@pytest.mark.parametrize("name", ["mha", "gqa+cla2", "matryoshka+gqa"])
+@torch.inference_mode()
+def test_rope_families_cache_post_rope_keys(name, family):
+    """The cache holds keys rotated to their absolute positions: equal to rotating the layer's raw keys,
+    and different from the unrotated ones (so a borrower cannot be reading pre-RoPE keys)."""
+    model = _model(name, family)
+    idx = torch.randint(0, model.config.vocab_size, (1, 11))
+    cache = model.new_cache(batch_size=1, max_len=11, dtype=torch.float32)
+    model(idx, cache=cache)
+    attn = model.blocks[0].attn
+    x = model.blocks[0].ln_1(model.wte(idx))
+    B, T, _ = x.shape
+    raw_k = attn.kv_proj(x).view(B, T, 2, attn.n_kv_heads, attn.head_dim)[:, :, 0].transpose(1, 2)
+    rotated = attn.rotary(raw_k, 0)
+    held = cache.states[0].tensors
+    if "k" in held:
+        torch.testing.assert_close(held["k"], rotated, rtol=1e-6, atol=1e-6)
+    else:  # Matryoshka caches coefficients of the post-RoPE keys
+        c_k, _ = attn._full_coefficients(rotated, rotated, *attn.bases())
+        r_k, _, heads = attn.rank_groups()[0]
+        torch.testing.assert_close(held["k0"], c_k[:, heads, :, :r_k], rtol=1e-5, atol=1e-5)
+    assert (rotated[:, :, 1:] - raw_k[:, :, 1:]).abs().max() > 1e-3  # position 0 is not rotated

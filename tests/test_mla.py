@@ -52,8 +52,8 @@ def test_gpt2_124m_mla_metrics():
 def test_gpt2_124m_mla_with_cla2_halves_bytes():
     with torch.device("meta"):
         cfg = ModelConfig.preset("gpt2-124m", attention="mla")
-        cfg.attention.kv_share = "every:2"
-        model = GPT(ModelConfig.from_dict(cfg.to_dict()))
+        cfg = ModelConfig.preset("gpt2-124m", attention=cfg.attention.replace(kv_share="every:2"))
+        model = GPT(cfg)
     m = model.kv_metrics(torch.bfloat16)
     assert m["kv_bytes_per_token"] == 320
     assert m["layer_sharing_ratio"] == 2.0
@@ -256,5 +256,5 @@ def test_bad_config_gives_one_line_error(fields, field):
     with pytest.raises(ConfigError) as err:
         tiny_config(AttentionConfig(kind="mla", **fields))
     msg = str(err.value)
-    assert msg.startswith(f"{field}=") or msg.startswith(f"{field} is not used"), msg
+    assert msg.startswith(f"{field}=") or msg.startswith(f"{field} is not an option"), msg
     assert "\n" not in msg

@@ -1,4 +1,6 @@
-"""The GPT model (GPT-2 family): embeddings, pre-LN blocks, final LayerNorm, tied LM head.
+"""The GPT model: embeddings, pre-norm blocks, final norm, LM head, for the GPT-2, GPT-NeoX and Llama
+families (LayerNorm or RMSNorm, GELU or SwiGLU MLP, sequential or parallel residual, learned positions or
+RoPE, tied or untied head: each a ModelConfig field).
 
 It knows nothing about KV structures: each block's attention comes from the registry by `kind`, the
 owner map says which layer's KV each layer reads, and the cache is built from the layers' own states.
@@ -25,30 +27,58 @@ from kvlab.config import ModelConfig
 _CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in float32 and cast back (as Llama), so bf16 inputs keep full-precision statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+class MLP(nn.Module):
+    """down(act(up(x))), or with gated_mlp down(act(gate(x)) * up(x)) (SwiGLU when act is SiLU)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        width = cfg.mlp_width
+        self.c_fc = nn.Linear(cfg.n_embd, width, bias=cfg.bias)  # up
+        self.c_gate = nn.Linear(cfg.n_embd, width, bias=cfg.bias) if cfg.gated_mlp else None
+        self.c_proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)  # down, into the residual
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.act = _ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.c_gate(x)) * self.c_fc(x) if self.c_gate is not None else self.act(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__()
         layer_cfg = cfg.attention.for_layer(layer_idx)
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn: KVStructure = get_variant(layer_cfg.kind)(layer_cfg, cfg, layer_idx, owns_kv)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.parallel_residual = cfg.parallel_residual
 
     def forward(self, x, pos: int, state=None, kv=None):
         a, new_kv = self.attn(self.ln_1(x), pos=pos, state=state, kv=kv)
+        if self.parallel_residual:  # GPT-NeoX: attention and MLP both read x
+            return x + self.resid_dropout(a) + self.mlp(self.ln_2(x)), new_kv
         x = x + self.resid_dropout(a)
         x = x + self.mlp(self.ln_2(x))
         return x, new_kv
@@ -61,13 +91,17 @@ class GPT(nn.Module):
         self.owners = cfg.attention.owners(cfg.n_layer)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i, self.owners[i] == i) for i in range(cfg.n_layer))
-        # Learned positions unless every layer encodes positions itself (seed 000's MLA switches wpe off).
-        self.uses_learned_positions = not all(b.attn.provides_positions for b in self.blocks)
+        # Learned positions in that family unless every layer encodes positions itself (seed 000's MLA
+        # switches wpe off); RoPE families rotate q/k inside attention.
+        self.uses_learned_positions = cfg.positions == "learned" and not all(
+            b.attn.provides_positions for b in self.blocks
+        )
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if self.uses_learned_positions else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied (GPT-2)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # GPT-2, SmolLM2
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -9,24 +9,27 @@ for cached prefill/decode, so the two cannot drift apart; a layer that borrows a
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kvlab.config import AttentionConfig, ConfigError, ModelConfig, _divisors
+from kvlab.attention.rope import Rotary
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig, ModelShape, _divisors
 
 Payload = tuple[torch.Tensor, ...]
 
 _REGISTRY: dict[str, type[KVStructure]] = {}
 
-# AttentionConfig fields that only some kinds read; each kind lists its own in `config_fields`, and setting
-# any other one is a mistake reported by `KVStructure.check_config`.
-OPTIONAL_FIELDS = (
-    "n_kv_heads", "kv_rank", "rope_dim", "q_rank", "ranks", "k_ranks", "v_ranks",
-    "interval", "max_contexts", "local_window", "context_dim",
-)  # fmt: skip
+_PRESETS: list[tuple[re.Pattern, str, Callable[..., AttentionConfig]]] = []
+
+
+@dataclass
+class NoOptions:
+    """A kind without options of its own."""
 
 
 def register(kind: str) -> Callable[[type[KVStructure]], type[KVStructure]]:
@@ -50,6 +53,29 @@ def get_variant(kind: str) -> type[KVStructure]:
 
 def registered_kinds() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def register_preset(pattern: str, display: str | None = None):
+    """Decorator: `fn(shape: ModelShape, *regex groups) -> AttentionConfig` becomes the attention preset
+    whose name fully matches `pattern` (e.g. r"mlkv-(\\d+)", shown as `display`, "mlkv-<N>")."""
+
+    def deco(fn: Callable[..., AttentionConfig]) -> Callable[..., AttentionConfig]:
+        _PRESETS.append((re.compile(pattern), display or pattern, fn))
+        return fn
+
+    return deco
+
+
+def find_preset(name: str) -> Callable[[ModelShape], AttentionConfig] | None:
+    for pattern, _, fn in _PRESETS:
+        m = pattern.fullmatch(name)
+        if m:
+            return lambda shape, fn=fn, m=m: fn(shape, *(int(g) for g in m.groups()))
+    return None
+
+
+def preset_names() -> list[str]:
+    return [display for _, display, _ in _PRESETS]
 
 
 class TensorState:
@@ -120,7 +146,9 @@ class KVStructure(nn.Module):
     """
 
     kind: str = ""
-    provides_positions = False  # True: the layer encodes positions itself (RoPE) -> no learned wpe needed
+    # True: the layer encodes positions itself (MLA's decoupled RoPE key) even in a learned-positions
+    # family, so a model made only of such layers drops its wpe (seed 000's MLA).
+    provides_positions = False
     # Why another layer cannot read this structure's cache (kv_share), or None when it can.
     kv_share_unsupported: str | None = None
 
@@ -134,19 +162,16 @@ class KVStructure(nn.Module):
         self.head_dim = model_cfg.head_dim
         self.dropout = model_cfg.dropout
         self.n_layer = model_cfg.n_layer
+        # RoPE families rotate q and k here, before K enters the cache (None: learned positions).
+        self.rotary = Rotary.from_model(model_cfg)
 
     # ---- configuration --------------------------------------------------------------------------
-    config_fields: tuple[str, ...] = ()  # the OPTIONAL_FIELDS this kind reads
+    Options: type = NoOptions  # the kind's own options (a dataclass): AttentionConfig(kind=..., **options)
 
     @classmethod
     def check_config(cls, cfg: AttentionConfig, model_cfg: ModelConfig) -> None:
-        """Checks shared by every kind (no foreign fields; n_kv_heads divides n_head), then `validate`."""
-        for name in OPTIONAL_FIELDS:
-            if name not in cls.config_fields and getattr(cfg, name) is not None:
-                raise ConfigError(
-                    f"{name} is not used by kind={cls.kind!r}; remove it or pick the kind that uses it"
-                )
-        n = cfg.n_kv_heads
+        """Checks shared by every kind (n_kv_heads divides n_head where the kind has it), then `validate`."""
+        n = getattr(cfg.options, "n_kv_heads", None)
         if n is not None and (n <= 0 or model_cfg.n_head % n):
             raise ConfigError(
                 f"n_kv_heads={n} must divide n_head={model_cfg.n_head}; try {_divisors(model_cfg.n_head)}"

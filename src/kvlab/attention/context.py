@@ -15,12 +15,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kvlab.attention.base import KVStructure, register
-from kvlab.config import AttentionConfig, ConfigError, ModelConfig
+from kvlab.attention.base import KVStructure, register, register_preset
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig, ModelShape
 from kvlab.errors import KvlabError
 
 DEFAULT_INTERVAL = 32  # seed 001: context_interval = 32
 DEFAULT_MAX_CONTEXTS = 32  # seed 001: max_contexts = 32
+
+
+@dataclass
+class ContextOptions:
+    n_kv_heads: int | None = None  # K/V heads of the raw tokens and the slots (None = n_head)
+    interval: int | None = None  # tokens summarised by one context slot (None = 32, seed 001)
+    max_contexts: int | None = None  # completed slots a query may attend to (None = 32)
+    local_window: int | None = None  # raw tokens kept: the current chunk (None = interval; <= interval)
+    context_dim: int | None = None  # width of a context vector (None = n_embd // 2, seed 001)
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ class ContextAttention(KVStructure):
     """Attention over strided context slots plus the current chunk's raw tokens."""
 
     kv_share_unsupported = "its cache is a bounded ring of slots and the current chunk, not every token"
-    config_fields = ("n_kv_heads", "interval", "max_contexts", "local_window", "context_dim")
+    Options = ContextOptions
 
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__(cfg, model_cfg, layer_idx, owns_kv)
@@ -218,8 +227,14 @@ class ContextAttention(KVStructure):
             .view(B, -1, 2, self.n_kv_heads, self.head_dim)
             .permute(2, 0, 3, 1, 4)  # (2, B, H_kv, S, D)
         )
+        if self.rotary is not None:  # a slot sits at the last position of its chunk
+            slot_k = self.rotary.at(
+                slot_k, (torch.arange(old_first, end_chunk, device=device) + 1) * interval - 1
+            )
         # Raw tokens: the held part of the current chunk's window, then the new tokens.
         k_new, v_new = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            k_new = self.rotary(k_new, pos)  # cached post-RoPE
         raw_first = max(first_chunk * interval, pos - self.local_window + 1, pos - n_raw)
         held = torch.arange(raw_first, pos, device=device) % max(n_raw, 1)
         raw_k = torch.cat([state.raw_k[:, :, held].to(dtype), k_new], dim=2) if len(held) else k_new
@@ -228,6 +243,8 @@ class ContextAttention(KVStructure):
         slot_ids = torch.arange(old_first, end_chunk, device=device)
         mask = self._mask(pos, T, slot_ids, torch.arange(raw_first, pos + T, device=device))
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if self.rotary is not None:
+            q = self.rotary(q, pos)
         y = F.scaled_dot_product_attention(
             q,
             torch.cat([slot_k, raw_k], dim=2),  # (B, H_kv, S + R, D)
@@ -290,3 +307,8 @@ def collect_contexts(model: nn.Module, idx: torch.Tensor) -> list[torch.Tensor]:
 def context_block_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters seed 001's phase 1 trains (and phase 2 freezes): every `context_block`."""
     return [p for name, p in model.named_parameters() if ".context_block." in name]
+
+
+@register_preset(r"context-(\d+)", "context-<I>")
+def _context(shape: ModelShape, interval: int) -> AttentionConfig:
+    return AttentionConfig(kind="context", interval=interval)

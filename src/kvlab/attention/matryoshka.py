@@ -8,18 +8,18 @@ group of heads sharing K/V ranks) and the rank API for trainers and searches (`g
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from kvlab.attention.base import Payload, TensorState, causal_attention, register
+from kvlab.attention.base import Payload, TensorState, causal_attention, register, register_preset
 from kvlab.attention.grouped import GroupedAttention
 from kvlab.cache import CacheError
-from kvlab.config import AttentionConfig, ConfigError, ModelConfig
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig, ModelShape
 
 RankSpec = int | Sequence[int | Sequence[int]]
 
@@ -49,6 +49,15 @@ class MatryoshkaState(TensorState):
         self.k_ranks, self.v_ranks = list(k_ranks), list(v_ranks)
 
 
+@dataclass
+class MatryoshkaOptions:
+    n_kv_heads: int | None = None  # KV heads per layer (None = n_head), as grouped attention
+    ranks: int | None = None  # K and V rank of every head (None = head_dim, full rank)
+    # Per-head ranks (a list of n_kv_heads ints) overriding `ranks`; per layer via AttentionConfig.layers.
+    k_ranks: list[int] | None = None
+    v_ranks: list[int] | None = None
+
+
 @register("matryoshka")
 class MatryoshkaAttention(GroupedAttention):
     """Grouped KV + per-head orthogonal U_k, U_v (D x D) and trainable means mu_k, mu_v (D).
@@ -62,7 +71,7 @@ class MatryoshkaAttention(GroupedAttention):
     """
 
     kv_share_unsupported = "the coefficients are only readable with the owner's projection"
-    config_fields = ("n_kv_heads", "ranks", "k_ranks", "v_ranks")
+    Options = MatryoshkaOptions
 
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__(cfg, model_cfg, layer_idx, owns_kv)
@@ -126,10 +135,6 @@ class MatryoshkaAttention(GroupedAttention):
         """The unprojected K, V of grouped attention: (B, H_kv, T, D) each (PCA calibration reads these)."""
         return super().project_kv(x, pos)
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        return self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-
     def rank_groups(self) -> list[tuple[int, int, list[int]]]:
         """(r_k, r_v, KV heads) for each distinct rank pair, in order of first head: the cache layout."""
         groups: dict[tuple[int, int], list[int]] = {}
@@ -178,7 +183,7 @@ class MatryoshkaAttention(GroupedAttention):
         B, T, C = x.shape
         H_kv, G, D = self.n_kv_heads, self.n_head // self.n_kv_heads, self.head_dim
         u_k, u_v = self.bases()
-        q = self._queries(x).view(B, H_kv, G, T, D)  # (B, H_kv, G, T, D)
+        q = self.queries(x, pos).view(B, H_kv, G, T, D)  # (B, H_kv, G, T, D)
         scale = 1.0 / math.sqrt(D)  # the score scale of the full-width head
         dropout_p = self.dropout if self.training else 0.0
         groups = self.rank_groups()
@@ -214,7 +219,7 @@ class MatryoshkaAttention(GroupedAttention):
         # (B, H_kv, T, D): zero the dropped columns, rotate back, re-add the mean.
         k_hat = (c_k * k_mask[:, None, :]) @ u_k.transpose(-1, -2) + self.k_mean[:, None, :]
         v_hat = (c_v * v_mask[:, None, :]) @ u_v.transpose(-1, -2) + self.v_mean[:, None, :]
-        q = self._queries(x)  # (B, H, T, D)
+        q = self.queries(x, 0)  # (B, H, T, D): the full forward starts at 0
         y = causal_attention(q, k_hat, v_hat, 0, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # y: (B, H, T, D)
 
@@ -359,11 +364,17 @@ def ranks_config(model: nn.Module) -> AttentionConfig:
     att = model.config.attention
     layers = dict(att.layers)
     for i, attn in layers_or_error(model):
-        layer = dataclasses.replace(att.for_layer(i), ranks=None)
-        layers[i] = dataclasses.replace(layer, k_ranks=list(attn.k_ranks), v_ranks=list(attn.v_ranks))
-    return dataclasses.replace(att, layers=layers)
+        layers[i] = att.for_layer(i).replace(
+            ranks=None, k_ranks=list(attn.k_ranks), v_ranks=list(attn.v_ranks)
+        )
+    return att.replace(layers=layers)
 
 
 def projection_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The Matryoshka rotation and mean parameters (seed 003 trains them at a higher lr than the base)."""
     return [p for _, a in matryoshka_layers(model) for p in (a.k_skew, a.v_skew, a.k_mean, a.v_mean)]
+
+
+@register_preset(r"matryoshka-(\d+)", "matryoshka-<R>")
+def _matryoshka(shape: ModelShape, rank: int) -> AttentionConfig:
+    return AttentionConfig(kind="matryoshka", ranks=rank)

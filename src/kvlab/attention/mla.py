@@ -8,12 +8,21 @@ path), so they read the latent alone and never rebuild per-head K/V for the past
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from kvlab.attention.base import KVStructure, Payload, TensorState, causal_attention, register
-from kvlab.attention.rope import apply_rope, rope_cos_sin
-from kvlab.config import AttentionConfig, ConfigError, ModelConfig
+from kvlab.attention.base import (
+    KVStructure,
+    Payload,
+    TensorState,
+    causal_attention,
+    register,
+    register_preset,
+)
+from kvlab.attention.rope import Rotary
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig, ModelShape
 
 _RMS_EPS = 1e-6  # DeepSeek-V2's RMSNorm epsilon
 
@@ -22,6 +31,15 @@ def _rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """RMSNorm in float32 (as DeepSeek-V2), cast back: under bf16 autocast the Linear before it yields
     bf16, and a bf16 mean of squares is both less accurate and off torch's fused kernel."""
     return norm(x.float()).to(x.dtype)
+
+
+@dataclass
+class MLAOptions:
+    kv_rank: int | None = None  # latent width c_kv cached per token
+    rope_dim: int | None = None  # width of the decoupled RoPE key shared by all heads
+    q_rank: int | None = None  # optional low-rank query (None = full-rank query projection)
+    # RoPE base of the decoupled key; None = the model's rope_theta in RoPE families, else 10000
+    rope_theta: float | None = None
 
 
 @register("mla")
@@ -34,14 +52,18 @@ class LatentAttention(KVStructure):
     """
 
     provides_positions = True  # the decoupled RoPE key carries positions; an all-MLA model has no wpe
-    config_fields = ("kv_rank", "rope_dim", "q_rank")  # no n_kv_heads: the latent is one shared KV head
+    Options = MLAOptions  # no n_kv_heads: the latent is one shared KV head
 
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__(cfg, model_cfg, layer_idx, owns_kv)
         self.kv_rank = cfg.kv_rank
         self.rope_dim = cfg.rope_dim
         self.q_rank = cfg.q_rank
-        self.rope_theta = cfg.rope_theta
+        # The decoupled key follows the family's RoPE (base, Llama 3 scaling) unless set here.
+        rope_family = model_cfg.positions == "rope"
+        theta = cfg.rope_theta or (model_cfg.rope_theta if rope_family else 10000.0)
+        self.rope_theta = theta
+        self.decoupled_rope = Rotary(self.rope_dim, theta, model_cfg.rope_scaling if rope_family else None)
         bias = model_cfg.bias
         q_width = self.n_head * (self.head_dim + self.rope_dim)  # per head: q_nope ++ q_rope
         if self.q_rank:  # low-rank query with a norm on its bottleneck (DeepSeek-V2 eq. 12-13)
@@ -77,7 +99,7 @@ class LatentAttention(KVStructure):
             raise ConfigError(
                 f"q_rank={cfg.q_rank!r} must be a positive integer, or None for a full-rank query"
             )
-        if cfg.rope_theta <= 0:
+        if cfg.rope_theta is not None and cfg.rope_theta <= 0:
             raise ConfigError(f"rope_theta={cfg.rope_theta} must be positive; the usual value is 10000")
 
     def reset_parameters(self) -> None:
@@ -89,9 +111,7 @@ class LatentAttention(KVStructure):
     # ---- helpers --------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """Rotate x (..., T, rope_dim) to absolute positions pos..pos+T-1."""
-        positions = torch.arange(pos, pos + x.shape[-2], device=x.device)
-        cos, sin = rope_cos_sin(self.rope_dim, positions, self.rope_theta, dtype=x.dtype)
-        return apply_rope(x, cos, sin)
+        return self.decoupled_rope(x, pos)
 
     def _query(self, x: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
@@ -178,3 +198,10 @@ class LatentAttention(KVStructure):
     @property
     def latent_rank_ratio(self) -> float:
         return self.kv_rank / (self.head_dim + self.rope_dim)
+
+
+@register_preset("mla")
+def _mla(shape: ModelShape) -> AttentionConfig:
+    """Seed 000's MLA: kv_rank = 4 * head_dim, rope_dim = head_dim, q_rank = min(C, 12 * head_dim)."""
+    hd = shape.head_dim
+    return AttentionConfig(kind="mla", kv_rank=4 * hd, rope_dim=hd, q_rank=min(shape.n_embd, 12 * hd))

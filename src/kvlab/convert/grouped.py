@@ -7,8 +7,6 @@ that will read it. Everything else is copied key by key, so at the no-op setting
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from kvlab.config import ConfigError, _divisors
@@ -46,7 +44,7 @@ def to_gqa(model: GPT, n_kv_heads: int) -> GPT:
             t = state[key]  # (2 * old * D, C) or (2 * old * D,)
             grouped = t.reshape(2, n_kv_heads, g, D, *t.shape[1:])  # (K|V, new head, group, D, [C])
             out[key] = grouped.mean(dim=2).reshape(2 * n_kv_heads * D, *t.shape[1:])
-    new_att = dataclasses.replace(att, n_kv_heads=n_kv_heads)
+    new_att = att.replace(n_kv_heads=n_kv_heads)
     return build_like(model, new_att, out, "to_gqa")
 
 
@@ -64,7 +62,7 @@ def to_kv_share(model: GPT, kv_share: str | list[int]) -> GPT:
             f"to_kv_share needs a model with kv_share='none' (got {att.kv_share!r}); "
             "convert the unshared model"
         )
-    new_att = dataclasses.replace(att, kv_share=kv_share)
+    new_att = att.replace(kv_share=kv_share)
     owners = new_att.owners(model.config.n_layer)  # validates the spec (one-line ConfigError)
     state = model.state_dict()
     out = {k: v for k, v in state.items() if ".attn.kv_proj." not in k}
