@@ -9,8 +9,6 @@ from torch.testing import assert_close
 from kvlab import GPT, AttentionConfig, ModelConfig
 from kvlab.config import ConfigError
 from kvlab.convert.grouped import to_gqa, to_kv_share
-from kvlab.convert.hf_gpt2 import ConvertError, from_hf_gpt2, load_hf_gpt2
-from kvlab.errors import KvlabError
 
 from conftest import tiny_config
 
@@ -41,63 +39,6 @@ def _trained_like(att: AttentionConfig, **overrides) -> GPT:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
-
-
-# ---- HF GPT-2 import ---------------------------------------------------------------------------------
-def test_from_hf_gpt2_logits_match():
-    hf = _hf_model()
-    model = from_hf_gpt2(hf)
-    cfg = model.config
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (2, 4, 32, 64, 101)
-    assert cfg.activation == "gelu_tanh" and cfg.bias and cfg.attention.n_kv_heads == 4
-    assert model.lm_head.weight is model.wte.weight
-    idx = torch.randint(0, 101, (3, 40))
-    with torch.no_grad():
-        want = hf(idx).logits
-        got = model(idx)
-    assert_close(got, want, **TIGHT)
-    # The MLP on wide inputs: tanh GELU equals HF's gelu_new, while the exact GELU would not.
-    x = 40 * torch.randn(2, 5, 32)  # c_fc outputs of order 1, where the two GELUs differ most
-    mlp = model.blocks[1].mlp
-    with torch.no_grad():
-        want_mlp = hf.transformer.h[1].mlp(x)
-        assert_close(mlp(x), want_mlp, **TIGHT)
-        mlp.act = torch.nn.functional.gelu  # exact
-        assert (mlp(x) - want_mlp).abs().max() > 2e-5, "exact GELU should differ from gelu_new"
-
-
-def test_from_hf_gpt2_cached_decode_matches_hf_full_forward():
-    hf = _hf_model()
-    model = from_hf_gpt2(hf)
-    idx = torch.randint(0, 101, (2, 24))
-    with torch.no_grad():
-        want = hf(idx).logits
-        cache = model.new_cache(batch_size=2, max_len=24)
-        steps = [model(idx[:, :10], cache=cache)]
-        steps += [model(idx[:, t : t + 1], cache=cache) for t in range(10, 24)]
-    assert_close(torch.cat(steps, dim=1), want, **TIGHT)
-    assert cache.nbytes() == model.kv_cache_bytes(2, 24) == 2 * 2 * 24 * (2 * 32) * 4
-
-
-def test_from_hf_gpt2_rejects_unsupported_configs():
-    with pytest.raises(ConvertError, match="layer_norm_epsilon"):
-        from_hf_gpt2(_hf_model(layer_norm_epsilon=1e-6))
-    with pytest.raises(ConvertError, match="activation_function"):
-        from_hf_gpt2(_hf_model(activation_function="relu"))
-
-
-def test_load_hf_gpt2_from_local_dir_and_clear_errors(tmp_path):
-    hf = _hf_model()
-    hf.save_pretrained(tmp_path / "gpt2-tiny")
-    model = load_hf_gpt2(tmp_path / "gpt2-tiny")
-    idx = torch.randint(0, 101, (1, 16))
-    with torch.no_grad():
-        assert_close(model(idx), hf(idx).logits, **TIGHT)
-    (tmp_path / "empty").mkdir()
-    for bad in (tmp_path / "empty", "not a/valid//hub name"):
-        with pytest.raises(KvlabError) as e:
-            load_hf_gpt2(bad)
-        assert "\n" not in str(e.value) and "local directory" in str(e.value)
 
 
 def test_activation_is_validated():

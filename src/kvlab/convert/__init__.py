@@ -2,5 +2,10 @@
 
 Each converter builds the target model, copies every shared tensor key by key asserting its shape, and
 initialises only what the target adds, so at its no-op setting the converted model reproduces the original.
-Modules: hf_gpt2 (HF GPT-2 import), grouped (to_gqa, to_kv_share), matryoshka (to_matryoshka), common.
+Modules: hf (from_hf / to_hf / export_hf for GPT-2, GPT-NeoX, Llama, DeepSeek MLA; per-family mappings in
+hf_families), grouped (to_gqa, to_kv_share), matryoshka (to_matryoshka), common.
 """
+
+from kvlab.convert.hf import ConvertError, export_hf, from_hf, to_hf
+
+__all__ = ["ConvertError", "export_hf", "from_hf", "to_hf"]

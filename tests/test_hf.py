@@ -1,0 +1,194 @@
+"""HF checkpoints in and out for every family: imported models reproduce HF's logits, exports reproduce
+kvlab's, `from_hf(to_hf(m))` returns the same tensors, and bad checkpoints get one line. Tiny random HF
+models built from configs: nothing is downloaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch.testing import assert_close
+
+from kvlab import GPT, AttentionConfig, ModelConfig
+from kvlab.convert import ConvertError, export_hf, from_hf, to_hf
+
+from conftest import tiny_config
+
+TIGHT = dict(rtol=1e-5, atol=1e-5)
+VOCAB = 101
+
+
+def _randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """HF zero-inits biases and unit-inits norms: perturb every tensor so each one is tested."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _gpt2(**kw):
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, **kw)
+    )
+
+
+def _neox(**kw):
+    fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**{**fields, **kw}))
+
+
+def _llama(**kw):
+    fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)  # fmt: skip
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **kw}))
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8}  # fmt: skip
+HF_MODELS = {
+    "gpt2": lambda: _gpt2(),
+    "gpt2-exact-gelu-eps": lambda: _gpt2(activation_function="gelu", layer_norm_epsilon=1e-6),
+    "pythia": lambda: _neox(),  # parallel residual, 25% rotary (2 of 8 dims)
+    "neox-sequential-half-rotary": lambda: _neox(use_parallel_residual=False, rotary_pct=0.5),
+    "llama-gqa": lambda: _llama(),
+    "llama-mqa-tied-llama3-rope": lambda: _llama(
+        num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3, rope_theta=5000.0
+    ),
+    "llama-biases": lambda: _llama(attention_bias=True, mlp_bias=True, num_key_value_heads=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+@torch.no_grad()
+def test_import_reproduces_hf_logits_and_export_round_trips(name):
+    torch.manual_seed(0)
+    hf = _randomise(HF_MODELS[name]())
+    idx = torch.randint(0, VOCAB, (2, 19))
+    want = hf(idx).logits
+    model = from_hf(hf)
+    assert_close(model(idx), want, **TIGHT)
+    cache = model.new_cache(batch_size=2, max_len=19)  # the imported model decodes with its cache too
+    steps = [model(idx[:, :7], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(7, 19)]
+    assert_close(torch.cat(steps, dim=1), want, **TIGHT)
+    back = to_hf(model)
+    assert type(back).__name__ == type(hf).__name__
+    assert_close(back(idx).logits, want, **TIGHT)
+    again = from_hf(back)
+    assert again.config == model.config
+    state = model.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in again.state_dict().items())
+
+
+def test_imported_configs_say_what_they_are():
+    pythia = from_hf(_neox()).config
+    assert (pythia.family, pythia.parallel_residual, pythia.rope_dim, pythia.tie_embeddings) == (
+        "neox", True, 2, False
+    )
+    llama = from_hf(_llama(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3)).config
+    assert llama.attention.n_kv_heads == 1 and llama.tie_embeddings and llama.rope_scaling["factor"] == 8.0
+    assert (llama.norm, llama.gated_mlp, llama.activation) == ("rmsnorm", True, "silu")
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [
+        "mla",  # seed 000's MLA: low-rank query
+        AttentionConfig(kind="mla", kv_rank=16, rope_dim=4),  # full-rank query
+        AttentionConfig(kind="gqa", n_kv_heads=1),
+    ],
+)
+@torch.no_grad()
+def test_llama_family_reduced_models_export_to_hf_classes(attention):
+    """A Llama-family MLA model becomes DeepseekV3ForCausalLM (what MLA serving engines load), GQA/MQA a
+    LlamaForCausalLM with num_key_value_heads; logits equal, and importing the export gives it back."""
+    cfg = tiny_config(attention, family="llama", bias=False, intermediate_size=48)
+    model = _randomise(GPT(cfg))
+    hf = to_hf(model)
+    kind = cfg.attention.kind
+    assert type(hf).__name__ == ("DeepseekV3ForCausalLM" if kind == "mla" else "LlamaForCausalLM")
+    idx = torch.randint(0, cfg.vocab_size, (2, 13))
+    assert_close(hf(idx).logits, model(idx), **TIGHT)
+    if kind == "mla":
+        assert hf.config.kv_lora_rank == cfg.attention.kv_rank and hf.config.first_k_dense_replace == 4
+    else:
+        assert hf.config.num_key_value_heads == 1
+    again = from_hf(hf)
+    assert again.config.attention == cfg.attention
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in again.state_dict().items())
+
+
+@torch.no_grad()
+def test_nanogpt_style_gpt2_without_biases_exports_with_zero_biases():
+    model = _randomise(GPT(tiny_config("mha", bias=False)))
+    idx = torch.randint(0, 97, (1, 12))
+    assert_close(to_hf(model)(idx).logits, model(idx), **TIGHT)
+
+
+@pytest.mark.parametrize(
+    "attention, family, what",
+    [
+        ("cla2", "llama", "cross-layer KV sharing"),
+        ("matryoshka-4", "llama", "MatryoshkaKV"),
+        ("context-4", "gpt2", "Context-KV"),
+        ("gqa", "gpt2", "GPT-2 in HF has MHA only"),
+        ("gqa", "neox", "GPT-NeoX in HF has MHA only"),
+        ("mla", "gpt2", "GPT-2 in HF has MHA only"),
+    ],
+)
+def test_structures_without_hf_counterpart_get_one_line(attention, family, what):
+    model = GPT(tiny_config(attention, family=family, bias=family != "llama"))
+    with pytest.raises(ConvertError) as e:
+        to_hf(model)
+    assert what in str(e.value) and "--format kvlab" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_directories_in_and_out(tmp_path):
+    torch.manual_seed(0)
+    hf = _randomise(_llama())
+    hf.save_pretrained(tmp_path / "llama")
+    model = from_hf(f"hf:{tmp_path / 'llama'}")
+    idx = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        assert_close(model(idx), hf(idx).logits, **TIGHT)
+    out = export_hf(model, tmp_path / "exported")
+    assert (out / "config.json").is_file() and not list(tmp_path.glob(".exported.*"))
+    with torch.no_grad():
+        assert_close(from_hf(out)(idx), hf(idx).logits, **TIGHT)
+    with pytest.raises(ConvertError, match="not an empty directory"):
+        export_hf(model, out)  # never overwrites
+
+
+def _one_line_error(source, match):
+    with pytest.raises(ConvertError) as e:
+        from_hf(source)
+    assert match in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_bad_checkpoints_get_one_line(tmp_path):
+    _one_line_error(tmp_path / "missing", "not a Hugging Face model directory")
+    hf = _llama()
+    hf.save_pretrained(tmp_path / "ok")
+    weights = tmp_path / "ok" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    _one_line_error(tmp_path / "ok", "missing or truncated")
+    bert = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    bert.save_pretrained(tmp_path / "bert")
+    _one_line_error(tmp_path / "bert", "model_type='bert' is not supported")
+    _one_line_error(_gpt2(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx")
+    _one_line_error(_llama(head_dim=16), "head_dim=16")
+
+
+def test_import_leaves_hf_model_untouched():
+    hf = _randomise(_llama())
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    model = from_hf(hf)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    assert all(torch.equal(v, hf.state_dict()[k]) for k, v in before.items())
+
+
+def test_model_config_round_trips_through_json():
+    cfg = from_hf(_llama(rope_scaling=LLAMA3)).config
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
