@@ -83,7 +83,10 @@ def test_import_reproduces_hf_logits_and_export_round_trips(name):
 def test_imported_configs_say_what_they_are():
     pythia = from_hf(_neox()).config
     assert (pythia.family, pythia.parallel_residual, pythia.rope_dim, pythia.tie_embeddings) == (
-        "neox", True, 2, False
+        "neox",
+        True,
+        2,
+        False,
     )
     llama = from_hf(_llama(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3)).config
     assert llama.attention.n_kv_heads == 1 and llama.tie_embeddings and llama.rope_scaling["factor"] == 8.0
@@ -172,7 +175,9 @@ def test_bad_checkpoints_get_one_line(tmp_path):
     weights = tmp_path / "ok" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     _one_line_error(tmp_path / "ok", "missing or truncated")
-    bert = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    bert = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4
+    )
     bert.save_pretrained(tmp_path / "bert")
     _one_line_error(tmp_path / "bert", "model_type='bert' is not supported")
     _one_line_error(_gpt2(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx")
