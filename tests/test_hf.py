@@ -197,3 +197,17 @@ def test_import_leaves_hf_model_untouched():
 def test_model_config_round_trips_through_json():
     cfg = from_hf(_llama(rope_scaling=LLAMA3)).config
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("family", ["neox", "llama"])
+def test_untied_heads_survive_save_and_load(tmp_path, family):
+    from kvlab.checkpoint import load_model, save_model
+
+    model = _randomise(GPT(tiny_config("gqa", family=family)))
+    assert model.lm_head.weight is not model.wte.weight
+    save_model(tmp_path, model)
+    loaded = load_model(tmp_path)
+    idx = torch.randint(0, 97, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    assert loaded.lm_head.weight is not loaded.wte.weight

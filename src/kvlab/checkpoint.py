@@ -81,8 +81,14 @@ def environment_info() -> dict[str, Any]:
 def save_model(run_dir: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> None:
     """Write model.safetensors and config.json ({"model": ..., **extra, "environment": ...})."""
     run_dir = Path(run_dir)
-    # Tied weights: store each tensor once (lm_head.weight is wte.weight) and re-tie on load.
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    # Tied weights: store each tensor once (lm_head.weight is wte.weight) and re-tie on load; an untied
+    # head (NeoX, most Llama models) is a tensor of its own.
+    tied = model.config.tie_embeddings
+    state = {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if not (tied and k == "lm_head.weight")
+    }
     atomic_write(run_dir / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config = {"model": model.config.to_dict(), **(extra or {}), "environment": environment_info()}
     write_json(run_dir / CONFIG_FILE, config)
@@ -117,7 +123,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
         raise CheckpointError(f"{weights} is corrupt or truncated ({e}); restore it or retrain") from e
     with torch.device("meta"):
         model = GPT(model_cfg)
-    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tied = model_cfg.tie_embeddings
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
@@ -128,6 +135,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
             raise CheckpointError(
                 f"{weights}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}"
             )
-    model.load_state_dict(state, strict=False, assign=True)  # lm_head.weight is re-tied just below
-    model.lm_head.weight = model.wte.weight
+    model.load_state_dict(state, strict=False, assign=True)  # every key checked above
+    if tied:
+        model.lm_head.weight = model.wte.weight
     return model.eval()
