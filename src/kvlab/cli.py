@@ -16,6 +16,7 @@ from kvlab.errors import KvlabError
 COMMAND_MODULES = (
     "kvlab.commands.demo",
     "kvlab.data.cli",
+    "kvlab.models.cli",
     "kvlab.train.cli",
     "kvlab.eval.cli",
     "kvlab.commands.generate",

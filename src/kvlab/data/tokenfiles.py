@@ -58,7 +58,14 @@ def _make_tokenizer(name: str, corpus: Corpus, root: Path) -> Tokenizer:
         return train_bpe((d.text for d in corpus.splits["train"]), vocab, name)
     if name == "gpt2":
         return load_tokenizer("gpt2", root=root)
-    raise DataError(f"unknown tokenizer {name!r}; use gpt2 or bpe-8k (any bpe-N, e.g. bpe-2048, bpe-16k)")
+    from kvlab.models import MODELS  # a pretrained model's own tokenizer, so its token files fit it
+
+    if name in MODELS:
+        return load_tokenizer(name, root=root)
+    raise DataError(
+        f"unknown tokenizer {name!r}; use gpt2, bpe-8k (any bpe-N, e.g. bpe-2048, bpe-16k) "
+        f"or a fetchable model's name ({', '.join(sorted(MODELS))})"
+    )
 
 
 def _write_split(path: Path, tokenizer: Tokenizer, texts: list[str], dtype: np.dtype, progress) -> np.ndarray:

@@ -204,7 +204,8 @@ def gpt2_vocab_file(root: str | Path | None = None, download: bool = True) -> Pa
 
 
 def load_tokenizer(name_or_dir: str | Path, root: str | Path | None = None) -> Tokenizer:
-    """ "gpt2", or a directory a tokenizer was saved to (a dataset or run directory)."""
+    """ "gpt2", a pretrained model's name (`smollm2-135m`, fetched once) or `hf:DIR` (its
+    tokenizer.json), or a directory a tokenizer was saved to (a dataset or run directory)."""
     path = Path(name_or_dir)
     if str(name_or_dir) == "gpt2":
         return TiktokenTokenizer(gpt2_vocab_file(root))
@@ -222,11 +223,32 @@ def load_tokenizer(name_or_dir: str | Path, root: str | Path | None = None) -> T
         raise DataError(
             f"{path} holds no tokenizer ({DESCRIPTOR}, tokenizer.json or {GPT2_FILE}); save one there"
         )
+    hf_dir = _model_tokenizer_dir(str(name_or_dir), root)
+    if hf_dir is not None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_file(str(hf_dir / "tokenizer.json")), str(name_or_dir))
     if bpe_vocab_size(str(name_or_dir)) is not None:
         raise DataError(
             f"{name_or_dir} is trained per dataset; run `kvlab data prepare --tokenizer {name_or_dir}` "
             "and pass the dataset directory to load_tokenizer"
         )
     raise DataError(
-        f"unknown tokenizer {str(name_or_dir)!r}; use gpt2, bpe-8k / bpe-N, or a directory holding one"
+        f"unknown tokenizer {str(name_or_dir)!r}; use gpt2, bpe-8k / bpe-N, a fetchable model's name "
+        "(kvlab models list), hf:DIR, or a directory holding one"
     )
+
+
+def _model_tokenizer_dir(spec: str, root) -> Path | None:
+    """The HF directory whose tokenizer.json a pretrained model's name or `hf:DIR` means (fetched once)."""
+    from kvlab.models import MODELS, fetch_model, resolve_model_source  # lazy: models imports data.fetch
+
+    if spec in MODELS:
+        path = fetch_model(spec, root)
+    elif spec.startswith("hf:"):
+        path = resolve_model_source(spec)
+    else:
+        return None
+    if not (path / "tokenizer.json").is_file():
+        raise DataError(f"{path} has no tokenizer.json; save the model's tokenizer there (save_pretrained)")
+    return path
