@@ -211,3 +211,43 @@ def test_untied_heads_survive_save_and_load(tmp_path, family):
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
     assert loaded.lm_head.weight is not loaded.wte.weight
+
+
+def _saved_run(tmp_path, attention, family):
+    from kvlab.checkpoint import save_model
+
+    model = _randomise(GPT(tiny_config(attention, family=family, bias=family != "llama")))
+    save_model(tmp_path / "run", model, extra={"train": {"max_iters": 1}})
+    return model, tmp_path / "run"
+
+
+def test_cli_export_hf_and_kvlab_formats(tmp_path, capsys):
+    from kvlab.checkpoint import load_model
+    from kvlab.cli import main
+
+    model, run = _saved_run(tmp_path, "gqa", "llama")
+    assert main(["export", str(run), "--format", "hf", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == 1
+    idx = torch.randint(0, 97, (1, 11))
+    with torch.no_grad():
+        assert_close(hf(idx).logits, model(idx), **TIGHT)
+        # every command taking a run also takes hf:DIR and a plain HF directory
+        assert_close(load_model(f"hf:{tmp_path / 'hf'}")(idx), model(idx), **TIGHT)
+        assert_close(load_model(tmp_path / "hf")(idx), model(idx), **TIGHT)
+    assert main(["export", f"hf:{tmp_path / 'hf'}", "--format", "kvlab", str(tmp_path / "kv")]) == 0
+    with torch.no_grad():
+        assert_close(load_model(tmp_path / "kv")(idx), model(idx), **TIGHT)
+
+
+def test_cli_export_refuses_what_hf_cannot_express(tmp_path, capsys):
+    from kvlab.cli import main
+
+    _, run = _saved_run(tmp_path, "cla2", "llama")
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "hf", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cross-layer KV sharing" in err and "--format kvlab" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    assert main(["export", str(run), "--format", "kvlab", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -106,9 +106,37 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the run directory is damaged") from e
 
 
+def _is_hf_dir(path: Path) -> bool:
+    """A directory whose config.json is a transformers config (model_type), not a kvlab run's."""
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config and "model" not in config
+
+
+def resolve_source(source: str | Path) -> tuple[str, Path]:
+    """What a model argument names: ("hf", DIR) for `hf:DIR`, a fetchable model name (kvlab models list;
+    fetched on first use) or a transformers model directory; ("run", DIR) for a kvlab run directory."""
+    from kvlab.models import resolve_model_source
+
+    hf_dir = resolve_model_source(str(source))
+    if hf_dir is None and _is_hf_dir(Path(source)):
+        hf_dir = Path(source)
+    return ("hf", Path(hf_dir)) if hf_dir is not None else ("run", Path(source))
+
+
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """Rebuild the model from config.json and load model.safetensors, checking every tensor's shape."""
-    run_dir = Path(run_dir)
+    """Rebuild the model from config.json and load model.safetensors, checking every tensor's shape.
+
+    `run_dir` may also be `hf:DIR`, a transformers model directory or a fetchable model's name
+    (`resolve_source`): those are imported with kvlab.convert.from_hf.
+    """
+    kind, run_dir = resolve_source(run_dir)
+    if kind == "hf":
+        from kvlab.convert import from_hf
+
+        return from_hf(run_dir).to(device)
     config = read_config(run_dir)
     try:
         model_cfg = ModelConfig.from_dict(config["model"])

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "kvlab.train.cli",
     "kvlab.eval.cli",
     "kvlab.commands.generate",
+    "kvlab.commands.export",
     "kvlab.bench.cli",
     "kvlab.plugin.cli",
     "kvlab.commands.search_ranks",

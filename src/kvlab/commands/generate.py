@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from kvlab.checkpoint import load_model
+from kvlab.checkpoint import load_model, resolve_source
 from kvlab.errors import KvlabError
 from kvlab.generate import generate
 
@@ -23,8 +23,9 @@ def _encode_prompt(args, run_dir):
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.run_dir, device=args.device)
-    ids, tokenizer = _encode_prompt(args, args.run_dir)
+    _, source_dir = resolve_source(args.run_dir)  # a run, hf:DIR or a fetchable model: tokenizer beside it
+    model = load_model(source_dir, device=args.device)
+    ids, tokenizer = _encode_prompt(args, source_dir)
     if not ids:
         raise KvlabError("the prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3")
     vocab = model.config.vocab_size
@@ -58,7 +59,7 @@ def register(sub) -> None:
         description="Prefill the prompt, then decode token by token over the model's reduced KV cache.",
         epilog='example: kvlab generate runs/gqa --prompt "ROMEO:" --max-new-tokens 100 --temperature 0.8',
     )
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, hf:DIR, or a fetchable model name (kvlab models list)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="prompt text (encoded with the run's tokenizer)")
     g.add_argument("--prompt-ids", help="prompt as comma-separated token ids")

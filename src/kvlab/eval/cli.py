@@ -60,7 +60,7 @@ def register(sub) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_dir", help="a run directory made by `kvlab train`")
+    p.add_argument("run_dir", help="a run directory made by `kvlab train`, hf:DIR, or a fetchable model name")
     p.add_argument("--heldout", nargs="+", metavar="NAME", help="held-out corpora (default: heldout)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     p.add_argument("--no-speed", action="store_true", help="skip decode tokens/s and peak memory")
