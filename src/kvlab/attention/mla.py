@@ -248,10 +248,12 @@ class _PairRotary(Rotary):
 
     def __init__(self, model_rotary: Rotary, pairs: list[int]):
         super().__init__(2 * len(pairs), model_rotary.theta, model_rotary.scaling)
-        self.inv_freq = rope_inv_freq(model_rotary.dim, model_rotary.theta, model_rotary.scaling)[list(pairs)]
+        self.model_dim, self.pairs = model_rotary.dim, list(pairs)
 
     def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        freqs = torch.outer(positions.to(torch.float32), self.inv_freq.to(positions.device))  # (T, rd/2)
+        # Computed per call on CPU (as rope_cos_sin): models built on the meta device hold no tensors here.
+        inv_freq = rope_inv_freq(self.model_dim, self.theta, self.scaling)[self.pairs].to(positions.device)
+        freqs = torch.outer(positions.to(torch.float32), inv_freq)  # (T, rd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return apply_rope(x, emb.cos().to(x.dtype), emb.sin().to(x.dtype))
 
