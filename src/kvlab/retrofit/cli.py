@@ -26,21 +26,15 @@ def load_source(spec: str):
     path = Path(spec)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return load_model(path), f"run:{path}", path
-    try:
-        from kvlab.models import resolve_model_source  # the models registry, when installed
-    except ImportError:
-        resolve_model_source = None
-    if resolve_model_source is not None:
-        resolved = resolve_model_source(spec)
-        model = resolved[0] if isinstance(resolved, tuple) else resolved
-        return model, spec, None
-    if spec.startswith("hf:"):
-        from kvlab.convert.hf_gpt2 import load_hf_gpt2
+    from kvlab.convert.hf import from_hf
+    from kvlab.models import resolve_model_source
 
-        return load_hf_gpt2(spec[3:]), spec, None
+    hf_dir = resolve_model_source(spec)  # hf:DIR or a registry name (fetched once); None otherwise
+    if hf_dir is not None:
+        return from_hf(hf_dir).float(), spec, None
     raise KvlabError(
         f"--from {spec!r} is not a kvlab run directory (config.json + model.safetensors); pass a run "
-        "directory, or hf:DIR for a local Hugging Face GPT-2 checkpoint"
+        "directory, hf:DIR (a local Hugging Face model) or a model name from `kvlab models list`"
     )
 
 
