@@ -23,6 +23,9 @@ VARIANTS: dict[str, AttentionConfig] = {
     "mla": AttentionConfig(kind="mla", kv_rank=16, rope_dim=4, q_rank=24),
     "mla+cla2": AttentionConfig(kind="mla", kv_rank=16, rope_dim=4, q_rank=24, kv_share="every:2"),
     "mla-no-qrank": AttentionConfig(kind="mla", kv_rank=12, rope_dim=8),
+    # What kvlab.convert.to_mla builds: per-KV-head RoPE keys and no latent norm; or no decoupled key.
+    "mla-rope-heads": AttentionConfig(kind="mla", kv_rank=16, rope_dim=4, rope_heads=2, latent_norm=False),
+    "mla-no-rope": AttentionConfig(kind="mla", kv_rank=16, rope_dim=0, latent_norm=False),
     "matryoshka-full": AttentionConfig(kind="matryoshka"),
     "matryoshka-mixed": AttentionConfig(kind="matryoshka", k_ranks=[8, 3, 5, 1], v_ranks=[2, 8, 4, 6]),
     "matryoshka+gqa": AttentionConfig(kind="matryoshka", n_kv_heads=2, ranks=3, v_ranks=[5, 1]),

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "kvlab.bench.cli",
     "kvlab.plugin.cli",
     "kvlab.commands.search_ranks",
+    "kvlab.retrofit.cli",
     "kvlab.commands.info",
 )
 

@@ -21,8 +21,8 @@ from kvlab.attention.base import (
     register,
     register_preset,
 )
-from kvlab.attention.rope import Rotary
-from kvlab.config import AttentionConfig, ConfigError, ModelConfig, ModelShape
+from kvlab.attention.rope import Rotary, apply_rope, rope_inv_freq
+from kvlab.config import AttentionConfig, ConfigError, ModelConfig, ModelShape, _divisors
 
 _RMS_EPS = 1e-6  # DeepSeek-V2's RMSNorm epsilon
 
@@ -40,6 +40,14 @@ class MLAOptions:
     q_rank: int | None = None  # optional low-rank query (None = full-rank query projection)
     # RoPE base of the decoupled key; None = the model's rope_theta in RoPE families, else 10000
     rope_theta: float | None = None
+    # Options for models converted from MHA/GQA (kvlab.convert.mla): with them the conversion is exact at
+    # full rank. rope_heads: decoupled RoPE keys per token (None = 1 shared by all heads, DeepSeek-V2; n:
+    # query head h reads key h // (n_head / n), MHA2MLA's per-head partial RoPE). rope_pairs: which
+    # frequency pairs of the model's own RoPE the decoupled key uses (None = RoPE at width rope_dim).
+    # latent_norm False drops the RMSNorm on the latent so the latent path stays linear.
+    rope_heads: int | None = None
+    rope_pairs: list[int] | None = None
+    latent_norm: bool | None = None
 
 
 @register("mla")
@@ -64,6 +72,11 @@ class LatentAttention(KVStructure):
         theta = cfg.rope_theta or (model_cfg.rope_theta if rope_family else 10000.0)
         self.rope_theta = theta
         self.decoupled_rope = Rotary(self.rope_dim, theta, model_cfg.rope_scaling if rope_family else None)
+        if cfg.rope_pairs is not None:  # a subset of the model's own frequencies (converted models)
+            self.decoupled_rope = _PairRotary(Rotary.from_model(model_cfg), cfg.rope_pairs)
+        self.rope_heads = cfg.rope_heads or 1
+        self.provides_positions = self.rope_dim > 0  # rope_dim 0: positions come from the family
+        self.latent_norm = cfg.latent_norm is not False
         bias = model_cfg.bias
         q_width = self.n_head * (self.head_dim + self.rope_dim)  # per head: q_nope ++ q_rope
         if self.q_rank:  # low-rank query with a norm on its bottleneck (DeepSeek-V2 eq. 12-13)
@@ -73,8 +86,8 @@ class LatentAttention(KVStructure):
         else:
             self.q_proj = nn.Linear(self.n_embd, q_width, bias=bias)
         if owns_kv:  # the down-projection writes the cache, so only an owner has one
-            self.kv_a = nn.Linear(self.n_embd, self.kv_rank + self.rope_dim, bias=bias)
-            self.kv_norm = nn.RMSNorm(self.kv_rank, eps=_RMS_EPS)
+            self.kv_a = nn.Linear(self.n_embd, self.kv_rank + self.rope_heads * self.rope_dim, bias=bias)
+            self.kv_norm = nn.RMSNorm(self.kv_rank, eps=_RMS_EPS) if self.latent_norm else None
         # Up-projection of the latent: per head k_nope (head_dim) then v (head_dim).
         self.kv_b = nn.Linear(self.kv_rank, self.n_head * 2 * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, self.n_embd, bias=bias)
@@ -86,7 +99,7 @@ class LatentAttention(KVStructure):
     def validate(cls, cfg: AttentionConfig, model_cfg: ModelConfig) -> None:
         for name in ("kv_rank", "rope_dim"):
             v = getattr(cfg, name)
-            if v is None or not isinstance(v, int) or v <= 0:
+            if v is None or not isinstance(v, int) or v < (name == "kv_rank"):
                 raise ConfigError(
                     f"{name}={v!r}: kind='mla' needs a positive integer {name} (e.g. the 'mla' preset: "
                     f"kv_rank={4 * model_cfg.head_dim}, rope_dim={model_cfg.head_dim})"
@@ -101,6 +114,18 @@ class LatentAttention(KVStructure):
             )
         if cfg.rope_theta is not None and cfg.rope_theta <= 0:
             raise ConfigError(f"rope_theta={cfg.rope_theta} must be positive; the usual value is 10000")
+        if cfg.rope_heads is not None and (cfg.rope_heads <= 0 or model_cfg.n_head % cfg.rope_heads):
+            raise ConfigError(
+                f"rope_heads={cfg.rope_heads} must divide n_head={model_cfg.n_head}; "
+                f"try {_divisors(model_cfg.n_head)}"
+            )
+        if cfg.rope_pairs is not None:
+            n_pairs = model_cfg.rope_dim // 2 if model_cfg.positions == "rope" else 0
+            if len(cfg.rope_pairs) * 2 != cfg.rope_dim or not all(0 <= j < n_pairs for j in cfg.rope_pairs):
+                raise ConfigError(
+                    f"rope_pairs={cfg.rope_pairs} must list rope_dim/2={cfg.rope_dim // 2} frequency pairs "
+                    f"of the model's RoPE (0..{n_pairs - 1}); leave it unset for RoPE at width rope_dim"
+                )
 
     def reset_parameters(self) -> None:
         # RMSNorm gains start at 1 (the model's generic init only touches Linear and Embedding).
@@ -139,11 +164,20 @@ class LatentAttention(KVStructure):
 
     # ---- the interface --------------------------------------------------------------------------
     def project_kv(self, x: torch.Tensor, pos: int) -> Payload:
-        c_kv, k_rope = self.kv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)  # (B, T, r), (B, T, rd)
-        return _rms_norm(self.kv_norm, c_kv), self._rope(k_rope, pos)
+        B, T, _ = x.shape
+        c_kv, k_rope = self.kv_a(x).split([self.kv_rank, self.rope_heads * self.rope_dim], dim=-1)
+        if self.rope_heads > 1:  # (B, T, n * rd) -> (B, n, T, rd): one key per group of query heads
+            k_rope = k_rope.view(B, T, self.rope_heads, self.rope_dim).transpose(1, 2)
+        c_kv = _rms_norm(self.kv_norm, c_kv) if self.kv_norm is not None else c_kv
+        return c_kv, self._rope(k_rope, pos)  # (B, T, r), (B, T, rd) or (B, n, T, rd)
 
     def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
         c_kv = torch.zeros(batch_size, max_len, self.kv_rank, device=device, dtype=dtype)
+        if self.rope_heads > 1:  # per-head keys: (B, n, T, rd), time on axis 2 unlike c_kv
+            k_rope = torch.zeros(
+                batch_size, self.rope_heads, max_len, self.rope_dim, device=device, dtype=dtype
+            )
+            return TensorState({"c_kv": c_kv, "k_rope": k_rope}, time_dim={"c_kv": 1, "k_rope": 2})
         k_rope = torch.zeros(batch_size, max_len, self.rope_dim, device=device, dtype=dtype)
         return TensorState({"c_kv": c_kv, "k_rope": k_rope}, time_dim=1)
 
@@ -164,10 +198,17 @@ class LatentAttention(KVStructure):
         B, S, _ = c_kv.shape
         kv = self.kv_b(c_kv).view(B, S, self.n_head, 2 * self.head_dim).transpose(1, 2)  # (B, H, S, 2 hd)
         k_nope, v = kv.split([self.head_dim, self.head_dim], dim=-1)  # (B, H, S, hd) each
-        k_rope = k_rope[:, None].expand(B, self.n_head, S, self.rope_dim)  # (B, H, S, rd): one shared key
+        k_rope = self._rope_keys_per_head(k_rope, S)  # (B, H, S, rd)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, hd + rd)
         k = torch.cat([k_nope, k_rope], dim=-1)  # (B, H, S, hd + rd)
         return causal_attention(q, k, v, pos, scale=scale, dropout_p=dropout_p)
+
+    def _rope_keys_per_head(self, k_rope: torch.Tensor, S: int) -> torch.Tensor:
+        """(B, S, rd) shared or (B, n, S, rd) per group -> (B, H, S, rd), a view where possible."""
+        B = k_rope.shape[0]
+        if self.rope_heads == 1:
+            return k_rope[:, None].expand(B, self.n_head, S, self.rope_dim)
+        return k_rope.repeat_interleave(self.n_head // self.rope_heads, dim=1)
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, pos, scale, dropout_p) -> torch.Tensor:
         """Attend in latent space: keys are (c_kv ++ k_rope), values are c_kv, one KV head for all heads.
@@ -176,6 +217,8 @@ class LatentAttention(KVStructure):
         key, so softmax drops it. sum_s p_s (W_UV c_s + b_V) = W_UV (sum_s p_s c_s) + b_V since the p_s sum
         to 1. Returns (B, H, T, head_dim).
         """
+        if self.rope_heads > 1:  # per-head RoPE keys: the cache is no longer one shared KV head
+            return self._attend_unabsorbed(q_nope, q_rope, c_kv, k_rope, pos, scale, dropout_p)
         w_uk, w_uv = self._up_weights()  # (H, hd, r) each
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         q = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, r + rd)
@@ -189,7 +232,7 @@ class LatentAttention(KVStructure):
         return y
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> float:
-        return (self.kv_rank + self.rope_dim) * dtype.itemsize if self.owns_kv else 0
+        return (self.kv_rank + self.rope_heads * self.rope_dim) * dtype.itemsize if self.owns_kv else 0
 
     @property
     def kv_heads(self) -> float:
@@ -198,6 +241,21 @@ class LatentAttention(KVStructure):
     @property
     def latent_rank_ratio(self) -> float:
         return self.kv_rank / (self.head_dim + self.rope_dim)
+
+
+class _PairRotary(Rotary):
+    """RoPE at a chosen subset of the model's frequency pairs (rotate-half layout over the kept pairs)."""
+
+    def __init__(self, model_rotary: Rotary, pairs: list[int]):
+        super().__init__(2 * len(pairs), model_rotary.theta, model_rotary.scaling)
+        self.model_dim, self.pairs = model_rotary.dim, list(pairs)
+
+    def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # Computed per call on CPU (as rope_cos_sin): models built on the meta device hold no tensors here.
+        inv_freq = rope_inv_freq(self.model_dim, self.theta, self.scaling)[self.pairs].to(positions.device)
+        freqs = torch.outer(positions.to(torch.float32), inv_freq)  # (T, rd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return apply_rope(x, emb.cos().to(x.dtype), emb.sin().to(x.dtype))
 
 
 @register_preset("mla")

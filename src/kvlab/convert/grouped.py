@@ -49,13 +49,17 @@ def to_gqa(model: GPT, n_kv_heads: int) -> GPT:
 
 
 @torch.no_grad()
-def to_kv_share(model: GPT, kv_share: str | list[int]) -> GPT:
+def to_kv_share(model: GPT, kv_share: str | list[int], merge: str = "mean") -> GPT:
     """A copy of `model` whose layers share KV as `kv_share` says (MLKV / CLA uptraining init).
 
-    Each owner layer's K/V projection becomes the uniform mean of the projections of the layers that will
-    borrow from it, itself included; borrowers keep their queries, outputs and MLPs and lose kv_proj.
-    The source must not share KV already (kv_share='none').
+    merge="mean": each owner layer's K/V projection becomes the uniform mean of the projections of the
+    layers that will borrow from it, itself included (LCKV's rule); merge="owner": the owner keeps its own.
+    Borrowers keep their queries, outputs and MLPs and lose kv_proj. In RoPE families the mean of
+    pre-RoPE projections equals the mean of post-RoPE keys (every layer rotates alike). The source must
+    not share KV already (kv_share='none').
     """
+    if merge not in ("mean", "owner"):
+        raise ConfigError(f"to_kv_share: merge={merge!r} unknown; use 'mean' or 'owner'")
     att = grouped_attention_or_error(model, "to_kv_share")
     if att.kv_share != "none":
         raise ConfigError(
@@ -67,7 +71,7 @@ def to_kv_share(model: GPT, kv_share: str | list[int]) -> GPT:
     state = model.state_dict()
     out = {k: v for k, v in state.items() if ".attn.kv_proj." not in k}
     for o in sorted(set(owners)):
-        group = [i for i, owner in enumerate(owners) if owner == o]
+        group = [i for i, owner in enumerate(owners) if owner == o] if merge == "mean" else [o]
         for key in _kv_keys(state, o):
             suffix = key.rsplit(".", 1)[-1]
             out[key] = torch.stack([state[f"blocks.{i}.attn.kv_proj.{suffix}"] for i in group]).mean(dim=0)

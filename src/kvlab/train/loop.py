@@ -27,7 +27,7 @@ from kvlab.model import GPT
 from kvlab.train import checkpointing as ckpt
 from kvlab.train.batches import DataError, make_batch, open_split, rank_slices, read_meta, sample_offsets
 from kvlab.train.distributed import DistContext, init_distributed, resolve_device
-from kvlab.train.optim import Trainable, configure_optimizer, lr_at, select_trainable
+from kvlab.train.optim import GroupRule, Trainable, configure_optimizer, lr_at, select_trainable
 from kvlab.train.terms import Hook, LossTerm, default_terms, distillation_terms, total_loss
 
 VAL_SEED_OFFSET = 1_000_003  # val batches come from their own generator: the same at every evaluation
@@ -121,6 +121,7 @@ def train(
     trainable: Trainable = None,
     progress: bool = True,
     hooks: Sequence[Hook] = (),
+    group_rule: GroupRule | None = None,
 ) -> Path:
     """Train (or continue with resume=True) and return the run directory.
 
@@ -128,6 +129,7 @@ def train(
     init_from: a run directory or a GPT whose weights start the run (uptraining); model_cfg None = its config.
     trainable: glob patterns / name fragments / predicate on parameter names; everything else is frozen.
     hooks: callables (model, generator) run before every step, e.g. Matryoshka rank sampling.
+    group_rule: parameter name -> (lr multiplier, decay allowed), for per-group learning rates.
     """
     ctx = init_distributed(train_cfg.device)
     try:
@@ -144,13 +146,26 @@ def train(
             trainable,
             progress,
             list(hooks),
+            group_rule,
         )
     finally:
         ctx.close()
 
 
 def _train(
-    ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, init_from, trainable, progress, hooks
+    ctx,
+    model_cfg,
+    cfg,
+    data_dir,
+    run_dir,
+    resume,
+    loss_terms,
+    teacher,
+    init_from,
+    trainable,
+    progress,
+    hooks,
+    group_rule=None,
 ) -> Path:
     device = resolve_device(cfg.device, ctx)
     autocast, amp_dtype = _autocast(device, cfg.dtype)
@@ -183,7 +198,7 @@ def _train(
         del source
     trainable_names = select_trainable(model, trainable)
     model.to(device)
-    optimizer = configure_optimizer(model, cfg, device.type)
+    optimizer = configure_optimizer(model, cfg, device.type, group_rule)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     hook_gen = torch.Generator().manual_seed(cfg.seed + HOOK_SEED_OFFSET)
     if teacher is not None:
@@ -259,7 +274,7 @@ def _train(
     while step < cfg.max_iters:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         for hook in hooks:
             hook(raw_model, hook_gen)
         offsets = sample_offsets(batch_gen, cfg.grad_accum * cfg.batch_size, len(train_tokens), T)

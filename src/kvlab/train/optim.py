@@ -54,19 +54,33 @@ def select_trainable(model: nn.Module, trainable: Trainable) -> list[str]:
     return [n for n in names if n in keep]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings (dim >= 2); never biases or norm gains (seed 000)."""
-    params = [p for p in model.parameters() if p.requires_grad]  # parameters() dedups tied weights
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+# name -> (lr multiplier, decay allowed): MatryoshkaKV trains its projections at 20x the base lr, undecayed.
+GroupRule = Callable[[str], tuple[float, bool]]
 
 
-def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay)
+def param_groups(model: nn.Module, weight_decay: float, rule: GroupRule | None = None) -> list[dict]:
+    """Decay matrices and embeddings (dim >= 2); never biases or norm gains (seed 000). With `rule`,
+    parameters are further grouped by its (lr multiplier, decay allowed); the loop applies `lr_scale`."""
+    if rule is None:
+        params = [p for p in model.parameters() if p.requires_grad]  # parameters() dedups tied weights
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():  # named_parameters() dedups tied weights too
+        if p.requires_grad:
+            scale, may_decay = rule(name)
+            groups.setdefault((scale, weight_decay if may_decay and p.dim() >= 2 else 0.0), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (s, wd), ps in sorted(groups.items())]
+
+
+def configure_optimizer(
+    model: nn.Module, cfg: TrainConfig, device_type: str, rule: GroupRule | None = None
+) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg.weight_decay, rule)
     # The fused kernel is faster on CUDA; on CPU the default (foreach) path keeps resume bit-exact.
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     extra = {"fused": True} if fused else {}

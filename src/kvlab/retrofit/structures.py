@@ -1,0 +1,108 @@
+"""The `--to STRUCTURE` language of `kvlab uptrain`: converter steps joined by '+', applied in order.
+
+    gqa:N            to_gqa(N) (mean-pooled K/V heads)        mqa   = gqa:1
+    share:SPEC       to_kv_share(SPEC), e.g. share:every:2 (CLA2), share:groups:4 (MLKV owners)
+    mla:R[:ROPE[:M]] to_mla(kv_rank=R, rope_dim=ROPE, method=M)  (default: all RoPE dims, pca)
+    matryoshka[:R]   to_matryoshka with PCA init, every head at rank R (default: full)
+    context:L[,L..]  replace_layers(L: Context-KV, seed 001's interval 32 capped at block_size / 4)
+    none             the source unchanged (what --control trains)
+
+Example: `gqa:1+share:groups:2` is MLKV with one KV head in two owner layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvlab.config import AttentionConfig, ConfigError
+from kvlab.convert.grouped import to_gqa, to_kv_share
+from kvlab.convert.layers import replace_layers
+from kvlab.convert.matryoshka import to_matryoshka
+from kvlab.convert.mla import to_mla
+from kvlab.model import GPT
+
+USAGE = "gqa:N, mqa, share:SPEC, mla:R[:ROPE[:svd|pca]], matryoshka[:R], context:L[,L...], none"
+
+
+def _int(text: str, what: str, spec: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--to {spec!r}: {what} {text!r} must be an integer; structures: {USAGE}") from None
+
+
+def parse_structure(spec: str) -> list[tuple[str, list[str]]]:
+    """'gqa:1+share:every:2' -> [('gqa', ['1']), ('share', ['every:2'])]; unknown names are one line."""
+    steps = []
+    for part in spec.split("+"):
+        name, _, rest = part.strip().partition(":")
+        if name not in STEPS:
+            raise ConfigError(f"--to {spec!r}: unknown step {name!r}; structures: {USAGE}")
+        args = [rest] if name == "share" else ([a for a in rest.split(":") if a] if rest else [])
+        steps.append((name, args))
+    return steps
+
+
+def convert(model: GPT, spec: str, calibration: list[torch.Tensor]) -> GPT:
+    """Apply the steps of `spec` to `model` (left untouched) and return the converted model."""
+    for name, args in parse_structure(spec):
+        model = STEPS[name](model, args, calibration, spec)
+    return model
+
+
+def _gqa(model, args, calib, spec):
+    if len(args) != 1:
+        raise ConfigError(f"--to {spec!r}: write gqa:N with N the KV heads per layer")
+    return to_gqa(model, _int(args[0], "n_kv_heads", spec))
+
+
+def _share(model, args, calib, spec):
+    if not args or not args[0]:
+        raise ConfigError(f"--to {spec!r}: write share:every:K or share:groups:N")
+    return to_kv_share(model, args[0])
+
+
+def _mla(model, args, calib, spec):
+    if not 1 <= len(args) <= 3:
+        raise ConfigError(f"--to {spec!r}: write mla:RANK[:ROPE_DIM[:svd|pca]]")
+    rank = _int(args[0], "kv_rank", spec)
+    rope = _int(args[1], "rope_dim", spec) if len(args) > 1 else None
+    method = args[2] if len(args) > 2 else "pca"
+    return to_mla(model, rank, rope_dim=rope, method=method, calibration=calib or None)
+
+
+def _matryoshka(model, args, calib, spec):
+    if len(args) > 1:
+        raise ConfigError(f"--to {spec!r}: write matryoshka or matryoshka:RANK")
+    rank = _int(args[0], "rank", spec) if args else None
+    if rank is not None and not 1 <= rank <= model.config.head_dim:
+        raise ConfigError(
+            f"--to {spec!r}: rank {rank} must be between 1 and head_dim={model.config.head_dim}"
+        )
+    return to_matryoshka(model, ranks=rank, calibration=calib or None)
+
+
+def _context(model, args, calib, spec):
+    if len(args) != 1:
+        raise ConfigError(f"--to {spec!r}: write context:LAYER[,LAYER...] (seed 001: context:0)")
+    layers = [_int(x, "layer index", spec) for x in args[0].split(",")]
+    interval = min(32, max(1, model.config.block_size // 4))
+    ctx = AttentionConfig(kind="context", interval=interval, n_kv_heads=model.config.attention.n_kv_heads)
+    return replace_layers(model, dict.fromkeys(layers, ctx))
+
+
+def _none(model, args, calib, spec):
+    return model
+
+
+STEPS: dict[str, Callable] = {
+    "gqa": _gqa,
+    "mqa": lambda m, a, c, s: _gqa(m, ["1"], c, s),
+    "share": _share,
+    "mla": _mla,
+    "matryoshka": _matryoshka,
+    "context": _context,
+    "none": _none,
+}
