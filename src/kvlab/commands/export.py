@@ -10,8 +10,13 @@ from pathlib import Path
 from kvlab.checkpoint import load_model, resolve_source, save_model
 from kvlab.errors import KvlabError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.meta.json",
-                   "gpt2.tiktoken")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer_meta.json",
+    "gpt2.tiktoken",
+)
 
 
 def run(args: argparse.Namespace) -> int:
