@@ -20,6 +20,8 @@ from kvlab.eval.corpora import CLOZE_SIZE, DEFAULT_CORPUS, CorpusError, HeldoutC
 from kvlab.eval.lm import EvalError, document_perplexity, heldout_loss, val_loss
 from kvlab.eval.speed import generation_speed, measure_cache_bytes, nocache_speed, peak_generation_memory
 
+HF_EVAL_CONTEXT = 1024  # context of held-out scoring for imported models (hf:DIR, fetched models)
+
 CONTRACT_KEYS = (
     "val_loss",
     "heldout_loss",
@@ -52,7 +54,9 @@ def _run_context(run_dir: Path, device) -> dict[str, Any]:
         "tokenizer": tokenizer,
         "tokenizer_error": tokenizer_error,
         "dataset_dir": data_cfg.get("dir"),
-        "block_size": train.get("block_size") or model.config.block_size,
+        # A run is scored at its training context; an imported model at most at HF_EVAL_CONTEXT tokens,
+        # since a pretrained model's full window (SmolLM2: 8192) makes CPU scoring impractically slow.
+        "block_size": train.get("block_size") or min(model.config.block_size, HF_EVAL_CONTEXT),
         "batch_size": train.get("batch_size", 8),
         "eval_iters": train.get("eval_iters", 200),
     }
