@@ -1,7 +1,9 @@
-"""Training throughput (tokens/s) of the cpu-tiny model for each KV structure, next to HF GPT-2.
+"""Training throughput (tokens/s) of the cpu-tiny model for each KV structure, next to nanoGPT and HF GPT-2.
 
 Every structure and a `transformers` GPT2LMHeadModel of the same shape (layers, heads, width, context,
-vocabulary; SDPA attention, no dropout) run the same training step (forward, CE loss, backward, clip,
+vocabulary; SDPA attention, no dropout) and nanoGPT's model of the same shape (`NanoGPT` below, written
+here from the structure of karpathy/nanoGPT's model.py: fused c_attn, flash SDPA, GELU MLP, tied head)
+run the same training step (forward, CE loss, backward, clip,
 AdamW with kvlab's decay groups) on the same random tokens, in the same process. Rounds interleave the
 models so that load from other processes on a shared machine hits them all alike; the median round
 counts. Prints a table and writes JSON with the machine, versions and git commit.
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from kvlab import GPT, ModelConfig
@@ -42,6 +45,50 @@ def hf_gpt2(cfg: ModelConfig) -> torch.nn.Module:
     )  # fmt: skip
     hf_cfg._attn_implementation = "sdpa"
     return GPT2LMHeadModel(hf_cfg)
+
+
+class _NanoBlock(nn.Module):
+    """nanoGPT's Block: x + attn(ln_1(x)), x + mlp(ln_2(x)); attention with one fused c_attn."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, b = cfg.n_embd, cfg.bias
+        self.n_head = cfg.n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(C, bias=b), nn.LayerNorm(C, bias=b)
+        self.c_attn, self.attn_proj = nn.Linear(C, 3 * C, bias=b), nn.Linear(C, C, bias=b)
+        self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C, bias=b), nn.Linear(4 * C, C, bias=b)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(self.ln_1(x)).split(C, dim=2))  # fmt: skip
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's GPT (karpathy/nanoGPT model.py) at kvlab's shape: wte + wpe, blocks, ln_f, tied lm_head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.h = nn.ModuleList(_NanoBlock(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
 
 
 def make_step(model: torch.nn.Module, is_hf: bool, device: torch.device, autocast):
@@ -75,6 +122,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadiest on shared cores)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers GPT-2 reference")
+    p.add_argument("--no-nanogpt", action="store_true", help="skip the nanoGPT reference")
     p.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = p.parse_args()
 
@@ -96,8 +144,11 @@ def main() -> None:
             continue
         model = GPT(cfg).to(device).train()
         models[name] = (model, make_step(model, False, device, autocast), model.kv_metrics())
+    cfg = ModelConfig.preset(args.preset, attention="mha", vocab_size=args.vocab_size)
+    if not args.no_nanogpt:
+        nano = NanoGPT(cfg).to(device).train()
+        models["nanoGPT"] = (nano, make_step(nano, False, device, autocast), None)
     if not args.no_hf:
-        cfg = ModelConfig.preset(args.preset, attention="mha", vocab_size=args.vocab_size)
         hf = hf_gpt2(cfg).to(device).train()
         models["HF GPT2LMHeadModel"] = (hf, make_step(hf, True, device, autocast), None)
 
@@ -129,17 +180,21 @@ def main() -> None:
             "step_times_ms": [t * 1e3 for t in times[name]],
         })  # fmt: skip
     ref = next((r["tokens_per_s"] for r in rows if r["model"] == "mha"), None)
+    nano = next((r["tokens_per_s"] for r in rows if r["model"] == "nanoGPT"), None)
+    for r in rows:
+        r["vs_nanogpt"] = r["tokens_per_s"] / nano if nano else None
     print(
         f"\ntraining throughput, {args.preset} shape, batch {args.batch_size} x {T} tokens, "
         f"vocab {args.vocab_size}, {device.type}"
         + (f", {args.threads} thread(s)" if device.type == "cpu" else "")
     )
-    print(f"{'model':<20} {'params (M)':>10} {'KV B/tok':>9} {'ms/step':>9} {'tokens/s':>9} {'vs mha':>7}")
+    print(f"{'model':<20} {'params (M)':>10} {'KV B/tok':>9} {'ms/step':>9} {'tokens/s':>9} {'vs mha':>7} "
+          f"{'vs nanoGPT':>10}")  # fmt: skip
     for r in rows:
         kvb = f"{r['kv_bytes_per_token']:.0f}" if r["kv_bytes_per_token"] is not None else "-"
         rel = f"{r['tokens_per_s'] / ref:.2f}" if ref else "-"
         print(f"{r['model']:<20} {r['params_M']:>10.2f} {kvb:>9} {r['ms_per_step']:>9.1f} "
-              f"{r['tokens_per_s']:>9.0f} {rel:>7}")  # fmt: skip
+              f"{r['tokens_per_s']:>9.0f} {rel:>7} {r['vs_nanogpt'] or 0:>10.2f}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {

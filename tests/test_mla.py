@@ -201,7 +201,8 @@ def test_layer_matches_oracle_and_caches_post_rope_latent(name):
         y = torch.cat([owner(x[:, :6], 0, state)[0], owner(x[:, 6:], 6, state)[0]], dim=1)
         torch.testing.assert_close(y, _oracle(owner, x, owner), rtol=1e-4, atol=1e-5)
         latent = owner.kv_a(x)
-        c_kv, k_rope = state.read(11)
+        (held,) = state.read(11)  # one contiguous buffer: c_kv ++ k_rope
+        c_kv, k_rope = held.split([owner.kv_rank, owner.rope_dim], dim=-1)
         torch.testing.assert_close(c_kv, _rms(latent[..., : owner.kv_rank], owner.kv_norm.weight))
         torch.testing.assert_close(k_rope, _rope_pairs(latent[..., owner.kv_rank :], torch.arange(11), 1e4))
         assert state.nbytes() == 2 * 11 * (owner.kv_rank + owner.rope_dim) * 4  # nothing else is stored

@@ -173,18 +173,22 @@ class ContextAttention(KVStructure):
         n_chunks = -(-(offset + T) // interval)
         xp = F.pad(x, (0, 0, offset, n_chunks * interval - offset - T))  # (B, n_chunks * I, C)
         xp = xp.view(B, n_chunks, interval, C)  # (B, n_chunks, I, C)
-        k = torch.arange(n_chunks * interval).view(n_chunks, interval)  # call-relative offsets
-        valid = (k >= offset) & (k < offset + T)  # (n_chunks, I), on the CPU: decides which steps run
         h = x.new_zeros(B, n_chunks, self.context_dim)  # (B, n_chunks, d)
         if h0 is not None and offset > 0:
             h = torch.cat([h0.to(x.dtype)[:, None], h[:, 1:]], dim=1)
         for i in range(interval):
-            if not valid[:, i].any():
+            # Chunk c runs step i when its call-relative offset c * interval + i lies in [offset, offset + T):
+            # a contiguous range of chunks, found in Python (no tensor mask, no host-device copy per step).
+            first, last = max(0, -(-(offset - i) // interval)), (offset + T - 1 - i) // interval
+            if last < first:
                 continue
             h_new = self.context_block(
                 xp[:, :, i].reshape(B * n_chunks, C), h.reshape(B * n_chunks, self.context_dim)
             ).view(B, n_chunks, self.context_dim)
-            h = torch.where(valid[:, i].to(x.device)[None, :, None], h_new, h)
+            if first == 0 and last == n_chunks - 1:
+                h = h_new
+            else:
+                h = torch.cat([h[:, :first], h_new[:, first : last + 1], h[:, last + 1 :]], dim=1)
         n_done = (offset + T) // interval
         h_end = h[:, n_done] if n_done < n_chunks else x.new_zeros(B, self.context_dim)
         return h[:, :n_done], h_end
@@ -229,7 +233,9 @@ class ContextAttention(KVStructure):
         )
         if self.rotary is not None:  # a slot sits at the last position of its chunk
             slot_k = self.rotary.at(
-                slot_k, (torch.arange(old_first, end_chunk, device=device) + 1) * interval - 1
+                slot_k,
+                (torch.arange(old_first, end_chunk, device=device) + 1) * interval - 1,
+                end=end_chunk * interval,
             )
         # Raw tokens: the held part of the current chunk's window, then the new tokens.
         k_new, v_new = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)

@@ -169,9 +169,16 @@ class LatentAttention(KVStructure):
         if self.rope_heads > 1:  # (B, T, n * rd) -> (B, n, T, rd): one key per group of query heads
             k_rope = k_rope.view(B, T, self.rope_heads, self.rope_dim).transpose(1, 2)
         c_kv = _rms_norm(self.kv_norm, c_kv) if self.kv_norm is not None else c_kv
-        return c_kv, self._rope(k_rope, pos)  # (B, T, r), (B, T, rd) or (B, n, T, rd)
+        if self.rope_heads == 1:  # one contiguous latent (B, T, r + rd): c_kv ++ k_rope
+            return (torch.cat([c_kv, self._rope(k_rope, pos)], dim=-1),)
+        return c_kv, self._rope(k_rope, pos)  # (B, T, r), (B, n, T, rd)
 
     def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        if self.rope_heads == 1:  # one buffer, so the absorbed decode reads its key in place (a view)
+            latent = torch.zeros(
+                batch_size, max_len, self.kv_rank + self.rope_dim, device=device, dtype=dtype
+            )
+            return TensorState({"latent": latent}, time_dim=1)
         c_kv = torch.zeros(batch_size, max_len, self.kv_rank, device=device, dtype=dtype)
         if self.rope_heads > 1:  # per-head keys: (B, n, T, rd), time on axis 2 unlike c_kv
             k_rope = torch.zeros(
@@ -183,12 +190,16 @@ class LatentAttention(KVStructure):
 
     def attend(self, x: torch.Tensor, pos: int, kv: Payload) -> torch.Tensor:
         B, T, _ = x.shape
-        c_kv, k_rope = kv  # (B, S, kv_rank), (B, S, rope_dim)
+        if len(kv) == 1:  # shared RoPE key: (B, S, kv_rank + rope_dim), split into views
+            latent = kv[0]
+            c_kv, k_rope = latent.split([self.kv_rank, self.rope_dim], dim=-1)
+        else:  # per-head RoPE keys: (B, S, kv_rank), (B, n, S, rope_dim)
+            latent, (c_kv, k_rope) = None, kv
         q_nope, q_rope = self._query(x, pos)
         scale = (self.head_dim + self.rope_dim) ** -0.5
         dropout_p = self.dropout if self.training else 0.0
         if self.use_absorbed(pos, T):
-            y = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, pos, scale, dropout_p)
+            y = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, latent, pos, scale, dropout_p)
         else:
             y = self._attend_unabsorbed(q_nope, q_rope, c_kv, k_rope, pos, scale, dropout_p)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
@@ -210,7 +221,7 @@ class LatentAttention(KVStructure):
             return k_rope[:, None].expand(B, self.n_head, S, self.rope_dim)
         return k_rope.repeat_interleave(self.n_head // self.rope_heads, dim=1)
 
-    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, pos, scale, dropout_p) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, latent, pos, scale, dropout_p) -> torch.Tensor:
         """Attend in latent space: keys are (c_kv ++ k_rope), values are c_kv, one KV head for all heads.
 
         q_nope . (W_UK c + b_K) = (q_nope W_UK) . c + q_nope . b_K; the second term is the same for every
@@ -222,9 +233,19 @@ class LatentAttention(KVStructure):
         w_uk, w_uv = self._up_weights()  # (H, hd, r) each
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         q = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, r + rd)
-        k = torch.cat([c_kv, k_rope], dim=-1)[:, None]  # (B, 1, S, r + rd): the cache as one KV head
-        v = c_kv[:, None]  # (B, 1, S, r): the values are the latent itself
-        o_latent = causal_attention(q, k, v, pos, scale=scale, dropout_p=dropout_p)  # (B, H, T, r)
+        # The cache (c_kv ++ k_rope), read in place, as one KV head; the values are c_kv itself (a view).
+        if q.shape[2] == 1 and dropout_p == 0.0:
+            # A decode step sees every held key, and all H heads read the one latent head: two GEMMs over
+            # the cache in place. SDPA's CPU kernels take their math path here (value width r != key width
+            # r + rd), measured about 2x slower at S = 4096 (benchmarks/decode_roofline.py).
+            B, H = q.shape[:2]
+            scores = torch.bmm(q.view(B, H, -1), latent.transpose(1, 2)) * scale  # (B, H, S)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
+            o_latent = torch.bmm(probs, c_kv).view(B, H, 1, self.kv_rank)
+        else:
+            o_latent = causal_attention(
+                q, latent[:, None], c_kv[:, None], pos, scale=scale, dropout_p=dropout_p
+            )
         y = torch.einsum("bhtr,hdr->bhtd", o_latent, w_uv)  # (B, H, T, hd)
         if self.kv_b.bias is not None:
             b_v = self.kv_b.bias.view(self.n_head, 2 * self.head_dim)[:, self.head_dim :]  # (H, hd)
@@ -250,7 +271,10 @@ class _PairRotary(Rotary):
         super().__init__(2 * len(pairs), model_rotary.theta, model_rotary.scaling)
         self.model_dim, self.pairs = model_rotary.dim, list(pairs)
 
-    def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.at(x, torch.arange(pos, pos + x.shape[-2], device=x.device))
+
+    def at(self, x: torch.Tensor, positions: torch.Tensor, end: int | None = None) -> torch.Tensor:
         # Computed per call on CPU (as rope_cos_sin): models built on the meta device hold no tensors here.
         inv_freq = rope_inv_freq(self.model_dim, self.theta, self.scaling)[self.pairs].to(positions.device)
         freqs = torch.outer(positions.to(torch.float32), inv_freq)  # (T, rd/2)

@@ -55,10 +55,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Rotary:
-    """RoPE on the first `dim` dims of each head (the rest pass through), at absolute positions."""
+    """RoPE on the first `dim` dims of each head (the rest pass through), at absolute positions.
+
+    cos/sin tables are built once per (device, dtype) and grown by doubling, then sliced per call: a decode
+    step used to rebuild them (arange, outer, cat, cos, sin: ~8 ops) in every layer. The tables are plain
+    attributes, not module buffers, so they never enter a state dict; keyed by device, a model moved with
+    .to() builds fresh ones there. Entries equal rope_cos_sin's exactly (same float32 arithmetic per
+    position).
+    """
 
     def __init__(self, dim: int, theta: float, scaling: dict[str, Any] | None = None):
         self.dim, self.theta, self.scaling = dim, theta, scaling
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_model(cls, model_cfg) -> Rotary | None:
@@ -66,13 +74,38 @@ class Rotary:
             return None
         return cls(model_cfg.rope_dim, model_cfg.rope_theta, model_cfg.rope_scaling)
 
+    def tables(self, end: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (L, dim) for positions 0..L-1 with L >= end, cached per device and dtype."""
+        held = self._tables.get((device, dtype))
+        if held is None or held[0].shape[0] < end:
+            length = max(64, 1 << (end - 1).bit_length())
+            # Built outside inference mode so a table first made while generating can also serve
+            # training (inference tensors cannot be saved for backward); it never needs a gradient.
+            with torch.inference_mode(False), torch.no_grad():
+                positions = torch.arange(length, device=device)
+                held = rope_cos_sin(self.dim, positions, self.theta, dtype=dtype, scaling=self.scaling)
+            self._tables[(device, dtype)] = held
+        return held
+
+    def __getstate__(self) -> dict:  # copies and pickles (deepcopy of a model) rebuild their tables
+        return {**self.__dict__, "_tables": {}}
+
     def __call__(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x (..., T, D) at positions pos..pos+T-1 -> the same shape, first `dim` dims rotated."""
-        return self.at(x, torch.arange(pos, pos + x.shape[-2], device=x.device))
+        T = x.shape[-2]
+        cos, sin = self.tables(pos + T, x.device, x.dtype)
+        return self._apply(x, cos[pos : pos + T], sin[pos : pos + T])
 
-    def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (..., T, D) at the given integer positions (T,)."""
-        cos, sin = rope_cos_sin(self.dim, positions, self.theta, dtype=x.dtype, scaling=self.scaling)
+    def at(self, x: torch.Tensor, positions: torch.Tensor, end: int | None = None) -> torch.Tensor:
+        """x (..., T, D) at the given integer positions (T,); `end` > every position lets the cached
+        tables serve the call (without it, the tables for exactly these positions are computed)."""
+        if end is None:
+            cos, sin = rope_cos_sin(self.dim, positions, self.theta, dtype=x.dtype, scaling=self.scaling)
+        else:
+            cos, sin = (t[positions] for t in self.tables(end, x.device, x.dtype))
+        return self._apply(x, cos, sin)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.dim == x.shape[-1]:
             return apply_rope(x, cos, sin)
         rot, rest = x[..., : self.dim], x[..., self.dim :]

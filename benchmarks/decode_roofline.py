@@ -1,0 +1,221 @@
+"""Cached decode speed against the memory roofline, per KV structure and context length.
+
+A batch-1 decode step must read every weight once and every cached byte once, so its floor is
+(weight bytes + KV bytes read) / memory bandwidth. For each structure this prefills a random prompt into
+one cache and, at each context length in turn, times `--rounds` x `--steps` greedy decode steps (the
+best round counts: load from other processes only slows a round); the fraction of the
+roofline is (roofline step time) / (measured step time), 1.0 meaning the step runs at copy bandwidth.
+
+- weight bytes: every distinct parameter tensor a step reads (the tied embedding counts once, as the LM
+  head reads it whole), less the learned-position table, of which a step reads one row;
+- KV bytes read: model.kv_cache_bytes(batch, context), the analytic bytes of a cache holding `context`
+  tokens (checked equal to the measured cache bytes);
+- bandwidth: best of several `dst.copy_(src)` of a buffer larger than the last-level cache, counted as
+  bytes read + bytes written (STREAM's "copy"), in the same process and thread count.
+
+Random weights, float32 on CPU (bf16 on CUDA). Prints a table, writes JSON (machine, versions, git commit)
+and a plot of tokens/s and roofline fraction against context.
+
+    python benchmarks/decode_roofline.py                              # 6 x 512, contexts 256..4096
+    python benchmarks/decode_roofline.py --contexts 128 512 --structures mha mla --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import kvlab
+from kvlab import GPT, ModelConfig
+from kvlab.checkpoint import environment_info
+from kvlab.generate import decode_one_token
+
+# perf_counter (wall) by default; --clock cpu times this process's CPU seconds instead, which a 1-thread run
+# on cores shared with other jobs keeps steady (time spent descheduled is not counted).
+CLOCK = [time.perf_counter]
+
+STRUCTURES = ("mha", "gqa", "mqa", "cla2", "mlkv-2", "matryoshka-16", "context-32", "mla")
+
+
+def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 7) -> float:
+    """Bytes/s of the best of `repeats` copies of a `mib` MiB float32 buffer (read + write counted)."""
+    n = mib * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = CLOCK[0]()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, CLOCK[0]() - t0)
+    return 2 * n * 4 / best
+
+
+def weight_bytes(model: GPT) -> int:
+    """Bytes of the distinct parameters one decode step reads (all but the learned-position table)."""
+    seen, total = set(), 0
+    skip = {id(model.wpe.weight)} if model.wpe is not None else set()
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def _git_dirty() -> bool | None:
+    """True when tracked files differ from the recorded commit (then the numbers are not that commit's)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(kvlab.__file__).parent)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def sweep(
+    model: GPT, contexts: list[int], steps: int, rounds: int, batch: int, dtype, device, bandwidth: float
+):
+    """Grow one cache through the contexts; at each, time `rounds` x `steps` decode steps. Returns rows."""
+    vocab = model.config.vocab_size
+    max_len = max(contexts) + (rounds * steps + 2) * len(contexts) + 2
+    cache = model.new_cache(batch_size=batch, max_len=max_len, dtype=dtype, device=device)
+    analytic = model.kv_cache_bytes(batch, max_len, dtype)
+    if cache.nbytes() != analytic:
+        raise AssertionError(f"measured cache bytes {cache.nbytes()} != analytic {analytic}")
+    w_bytes = weight_bytes(model)
+    rows = []
+    token = None
+    for context in contexts:
+        if cache.pos < context:  # prefill up to this context (the earlier decode steps are part of it)
+            idx = torch.randint(0, vocab, (batch, context - cache.pos), device=device)
+            token = model(idx, cache=cache)[:, -1:].argmax(-1)
+        token = decode_one_token(model, token, cache).argmax(-1, keepdim=True)  # untimed warm-up step
+        held = cache.pos
+        rounds_s = []
+        for _ in range(rounds):  # the best round: other processes on shared cores only ever slow a step
+            _sync(device)
+            t0 = CLOCK[0]()
+            for _ in range(steps):
+                token = decode_one_token(model, token, cache).argmax(-1, keepdim=True)
+            _sync(device)
+            rounds_s.append((CLOCK[0]() - t0) / steps)
+        sec = min(rounds_s)
+        kv_read = model.kv_cache_bytes(batch, held + rounds * steps // 2, dtype)  # mean tokens held
+        roof = (w_bytes + kv_read) / bandwidth
+        rows.append({
+            "context": held, "step_ms": sec * 1e3, "tokens_per_s": batch / sec,
+            "weight_bytes": w_bytes, "kv_bytes_read": kv_read, "roofline_ms": roof * 1e3,
+            "roofline_fraction": roof / sec, "round_ms": [t * 1e3 for t in rounds_s],
+        })  # fmt: skip
+    return rows
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, rows in results.items():
+        ctx = [r["context"] for r in rows]
+        a.plot(ctx, [r["tokens_per_s"] for r in rows], marker="o", label=name)
+        b.plot(ctx, [r["roofline_fraction"] for r in rows], marker="o", label=name)
+    for ax, label in ((a, "tokens/s (batch 1)"), (b, "fraction of the memory roofline")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens held)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    b.axhline(1.0, color="k", lw=0.8)
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--structures", nargs="+", default=list(STRUCTURES), help="attention presets")
+    p.add_argument("--contexts", nargs="+", type=int, default=[256, 1024, 4096])
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per context")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds per context; the best counts")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--n-embd", type=int, default=512)
+    p.add_argument("--n-head", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--family", default="gpt2", choices=["gpt2", "neox", "llama"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (1 thread)"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tag", default="", help="suffix of the output files")
+    p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1 or args.device != "cpu":
+            p.error("--clock cpu measures one CPU thread: add --threads 1 (and run on the CPU)")
+        CLOCK[0] = time.process_time
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth(device)
+    env = environment_info()
+    env |= {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    env["load_avg_1m"] = os.getloadavg()[0]
+    env["git_dirty"] = _git_dirty()
+    print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads, commit "
+          f"{(env['git_commit'] or '?')[:7]}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
+    print(f"{'structure':<14} {'context':>7} {'ms/step':>8} {'tokens/s':>9} {'roof ms':>8} {'of roof':>7} "
+          f"{'KV MiB read':>11}")  # fmt: skip
+    block = max(args.contexts) + (args.rounds * args.steps + 2) * len(args.contexts) + 2
+    shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, vocab_size=args.vocab_size)
+    results: dict[str, list[dict]] = {}
+    for name in args.structures:
+        cfg = ModelConfig.from_dict(dict(shape, family=args.family, block_size=block, attention=name))
+        model = GPT(cfg).to(device=device, dtype=dtype).eval()
+        rows = sweep(
+            model, sorted(args.contexts), args.steps, args.rounds, args.batch_size, dtype, device, bandwidth
+        )
+        results[name] = rows
+        for r in rows:
+            print(f"{name:<14} {r['context']:>7} {r['step_ms']:>8.2f} {r['tokens_per_s']:>9.1f} "
+                  f"{r['roofline_ms']:>8.2f} {r['roofline_fraction']:>7.2f} {r['kv_bytes_read'] / 2**20:>11.1f}",  # noqa: E501
+                  flush=True)  # fmt: skip
+        del model
+    longest = {name: rows[-1] for name, rows in results.items()}
+    if "gqa" in longest:
+        base = longest["gqa"]["tokens_per_s"]
+        print(f"\nat context {max(args.contexts)}: tokens/s relative to gqa: " + ", ".join(
+            f"{n} {r['tokens_per_s'] / base:.2f}" for n, r in longest.items()))  # fmt: skip
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    commit = (env["git_commit"] or "nocommit")[:7]
+    stem = f"decode_roofline_{device.type}_{commit}{args.tag}"
+    payload = {"benchmark": "decode_roofline", "settings": vars(args), "environment": env,
+               "copy_bandwidth_bytes_per_s": bandwidth, "dtype": str(dtype), "results": results}  # fmt: skip
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plot(results, out_dir / f"{stem}.png")
+    print(f"wrote {out_dir / stem}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
