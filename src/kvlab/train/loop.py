@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,8 @@ def train(
     trainable: Trainable = None,
     progress: bool = True,
     hooks: Sequence[Hook] = (),
+    model_factory: Callable[[ModelConfig], nn.Module] | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> Path:
     """Train (or continue with resume=True) and return the run directory.
 
@@ -128,6 +130,9 @@ def train(
     init_from: a run directory or a GPT whose weights start the run (uptraining); model_cfg None = its config.
     trainable: glob patterns / name fragments / predicate on parameter names; everything else is frozen.
     hooks: callables (model, generator) run before every step, e.g. Matryoshka rank sampling.
+    model_factory: builds the model from the resolved config instead of GPT (seed 000's substrate around an
+    attention file: kvlab.harness); it must expose `config` and `forward(idx) -> logits`.
+    run_info: extra fields recorded under "run" in config.json.
     """
     ctx = init_distributed(train_cfg.device)
     try:
@@ -144,13 +149,28 @@ def train(
             trainable,
             progress,
             list(hooks),
+            model_factory,
+            run_info or {},
         )
     finally:
         ctx.close()
 
 
 def _train(
-    ctx, model_cfg, cfg, data_dir, run_dir, resume, loss_terms, teacher, init_from, trainable, progress, hooks
+    ctx,
+    model_cfg,
+    cfg,
+    data_dir,
+    run_dir,
+    resume,
+    loss_terms,
+    teacher,
+    init_from,
+    trainable,
+    progress,
+    hooks,
+    model_factory,
+    run_info,
 ) -> Path:
     device = resolve_device(cfg.device, ctx)
     autocast, amp_dtype = _autocast(device, cfg.dtype)
@@ -172,7 +192,7 @@ def _train(
 
     # ---- model, optimiser, generators (same seed on every rank: identical init and batches) ----
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg)
+    model = GPT(model_cfg) if model_factory is None else model_factory(model_cfg)
     if source is not None:
         try:
             model.load_state_dict(source.state_dict())
@@ -229,6 +249,7 @@ def _train(
             "loss_terms": [{"name": t.name, "weight": t.weight} for t in terms],
             "trainable": None if trainable is None else trainable_names,
             "init_from": None if init_from is None or isinstance(init_from, nn.Module) else str(init_from),
+            **run_info,
         },
     }
     if ctx.is_main and not resume:
