@@ -24,8 +24,11 @@ FORWARD = "    def forward(self, x):\n"
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -145,11 +148,37 @@ def test_kvlab_train_attention_file_trains_and_scores_contained(world, capsys):
     data = make_dataset(outside / "data")
     before = snapshot(outside)
     run_dir = tmp_path / "runs" / "mla"
-    sets = ["model.n_layer=2", "model.n_head=4", "model.n_embd=32", "model.block_size=32",
-            "train.max_iters=6", "train.eval_interval=3", "train.eval_iters=2", "train.batch_size=4",
-            "train.grad_accum=1", "train.lr=0.01", "train.device=cpu", "attention.kv_lora_rank=24"]  # fmt: skip
-    code = main(["train", "--attention-file", str(path), "--data", str(data), "--out", str(run_dir),
-                 "--time-limit", "300", "--memory-limit-gb", "4", "--set", *sets])  # fmt: skip
+    sets = [
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=32",
+        "model.block_size=32",
+        "train.max_iters=6",
+        "train.eval_interval=3",
+        "train.eval_iters=2",
+        "train.batch_size=4",
+        "train.grad_accum=1",
+        "train.lr=0.01",
+        "train.device=cpu",
+        "attention.kv_lora_rank=24",
+    ]
+    code = main(
+        [
+            "train",
+            "--attention-file",
+            str(path),
+            "--data",
+            str(data),
+            "--out",
+            str(run_dir),
+            "--time-limit",
+            "300",
+            "--memory-limit-gb",
+            "4",
+            "--set",
+            *sets,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.splitlines()[:3] == [
@@ -168,6 +197,9 @@ def test_kvlab_train_attention_file_trains_and_scores_contained(world, capsys):
 
 def test_verdicts_from_signals():
     limits = Limits(cpu_s=7)
-    assert _verdict(-signal.SIGXCPU, False, limits, {}, "")[1] == "timeout: CPU time limit of 7 s exceeded (SIGXCPU)"
+    assert (
+        _verdict(-signal.SIGXCPU, False, limits, {}, "")[1]
+        == "timeout: CPU time limit of 7 s exceeded (SIGXCPU)"
+    )
     assert _verdict(-signal.SIGKILL, False, limits, {}, "")[0] == "memory"
     assert _verdict(1, False, limits, {}, "Traceback\nImportError: x")[1].endswith("(ImportError: x)")

@@ -45,7 +45,11 @@ def meta_model(loaded, cfg: ModelConfig, **extra) -> SeedGPT:
 def test_dense_fills_give_the_seed_figures(fills, fill, shape, bytes_, sharing):
     cfg = ModelConfig.preset("gpt2-124m") if shape == "gpt2-124m" else ModelConfig(**SHAPE_345M)
     m = declared_metrics(meta_model(fills[fill], cfg))
-    assert (m["kv_bytes_per_token"], m["head_sharing_ratio"], m["latent_rank_ratio"]) == (bytes_, sharing, 1.0)
+    assert (m["kv_bytes_per_token"], m["head_sharing_ratio"], m["latent_rank_ratio"]) == (
+        bytes_,
+        sharing,
+        1.0,
+    )
     assert m["kv_bytes_per_token_total"] == bytes_ * cfg.n_layer
 
 
@@ -54,10 +58,19 @@ def test_mla_fill_345m_and_124m_pilot(fills):
     m = declared_metrics(model)
     assert (m["kv_bytes_per_token"], m["head_sharing_ratio"], m["latent_rank_ratio"]) == (192, 16, 0.25)
     attn = model.blocks[0].attn
-    assert (attn.kv_lora_rank, attn.qk_rope_head_dim, attn.q_lora_rank, attn.softmax_scale) == (32, 64, 768, 128**-0.5)
+    assert (attn.kv_lora_rank, attn.qk_rope_head_dim, attn.q_lora_rank, attn.softmax_scale) == (
+        32,
+        64,
+        768,
+        128**-0.5,
+    )
     assert model.wpe is None  # use_pos_emb False: no learned positions
     pilot = declared_metrics(meta_model(fills["mla"], ModelConfig.preset("gpt2-124m"), kv_lora_rank=256))
-    assert (pilot["kv_bytes_per_token"], pilot["head_sharing_ratio"], pilot["latent_rank_ratio"]) == (640, 12, 2.0)
+    assert (pilot["kv_bytes_per_token"], pilot["head_sharing_ratio"], pilot["latent_rank_ratio"]) == (
+        640,
+        12,
+        2.0,
+    )
 
 
 def test_substrate_is_nanogpt_around_the_file(fills):
@@ -75,7 +88,11 @@ def test_substrate_is_nanogpt_around_the_file(fills):
     other[:, 8:] = (other[:, 8:] + 1) % 64
     torch.testing.assert_close(model(other)[:, :8], logits[:, :8])
     diag = diagnostics(model)
-    assert diag[0] == {"last_latent_rank_ratio": 1.0, "last_kv_storage_ratio": 0.25, "uses_latent_compression": False}
+    assert diag[0] == {
+        "last_latent_rank_ratio": 1.0,
+        "last_kv_storage_ratio": 0.25,
+        "uses_latent_compression": False,
+    }
 
 
 @pytest.mark.parametrize("fill,expected", [("gqa", 32.0), ("mqa", 32.0), ("mla", 48.0)])
@@ -105,9 +122,15 @@ def _edit(tmp_path, fill, old, new, name="edited.py"):
 
 def test_a_file_that_understates_its_kv_is_flagged(tmp_path):
     # declares MQA (n_kv_head = 1) but computes and reads 4 full K/V heads
-    path = _edit(tmp_path, "mha", "        self._uses_latent_compression = False\n",
-                 "        self._uses_latent_compression = False\n        self.n_kv_head = 1\n")  # fmt: skip
-    path.write_text(path.read_text().replace("view(B, T, self.n_kv_head, self.head_dim)", "view(B, T, -1, self.head_dim)"))
+    path = _edit(
+        tmp_path,
+        "mha",
+        "        self._uses_latent_compression = False\n",
+        "        self._uses_latent_compression = False\n        self.n_kv_head = 1\n",
+    )
+    path.write_text(
+        path.read_text().replace("view(B, T, self.n_kv_head, self.head_dim)", "view(B, T, -1, self.head_dim)")
+    )
     model = SeedGPT(tiny(n_embd=64), load_attention(path))  # 4 heads x 16 wide
     declared, measured = declared_metrics(model), measure_kv(model)
     assert declared["kv_bytes_per_token"] == 64  # 2 * 1 * 16 * 2, the file's word
@@ -174,12 +197,14 @@ def test_validator_reports_every_violation_with_positions(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == [
         f"{path}:3:1 missing-definition: the region must define function latent_kv_project",
-        f"{path}:3:1 top-level-statement: only def and class may appear at the top level of the region (found Assign)",
+        f"{path}:3:1 top-level-statement: only def and class may appear at the top level of the region "
+        "(found Assign)",
         f"{path}:3:5 forbidden-builtin: 'open' is not allowed in the region",
         f"{path}:4:30 default-argument: default arguments must be literals (they run at definition time)",
-        f"{path}:6:2 decorator: decorators run code at definition time; only classmethod, property, staticmethod are allowed",
+        f"{path}:6:2 decorator: decorators run code at definition time; only classmethod, property, "
+        "staticmethod are allowed",
         f"{path}:9:38 class-keyword: class keyword metaclass= (e.g. a metaclass) is not allowed",
-    ]  # fmt: skip
+    ]
 
 
 def test_cli_init_attention_and_validate(tmp_path, capsys):

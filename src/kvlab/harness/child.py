@@ -24,13 +24,36 @@ RESULT_FILE = "harness.json"
 EXIT_OK, EXIT_CRASHED, EXIT_VIOLATION, EXIT_MEMORY = 0, 3, 4, 5
 
 _BLOCKED_EVENTS = (
-    "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-    "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill", "socket.", "ctypes.dlopen", "os.startfile",
-)  # fmt: skip
+    "subprocess.Popen",
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.fork",
+    "os.forkpty",
+    "pty.spawn",
+    "os.kill",
+    "os.killpg",
+    "signal.pthread_kill",
+    "socket.",
+    "ctypes.dlopen",
+    "os.startfile",
+)
 _PATH_EVENTS = (
-    "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.symlink", "os.link", "os.truncate", "os.chmod",
-    "os.chown", "os.utime", "shutil.", "os.chdir", "os.chroot",
-)  # fmt: skip
+    "os.remove",
+    "os.rename",
+    "os.rmdir",
+    "os.mkdir",
+    "os.symlink",
+    "os.link",
+    "os.truncate",
+    "os.chmod",
+    "os.chown",
+    "os.utime",
+    "shutil.",
+    "os.chdir",
+    "os.chroot",
+)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 violations: list[str] = []
 
@@ -124,11 +147,15 @@ def run_job(job: dict, root: Path, result: dict) -> None:
     idx = torch.randint(0, model_cfg.vocab_size, (2, min(16, model_cfg.block_size)))
     logits = model(idx)  # the submission's forward runs here first
     if logits.shape != (*idx.shape, model_cfg.vocab_size) or not torch.isfinite(logits).all():
-        raise AttentionLoadError(f"forward returned {tuple(logits.shape)} logits (finite: "
-                                 f"{bool(torch.isfinite(logits).all())}); expected {(*idx.shape, model_cfg.vocab_size)}")  # fmt: skip
+        raise AttentionLoadError(
+            f"forward returned {tuple(logits.shape)} logits (finite: "
+            f"{bool(torch.isfinite(logits).all())}); expected {(*idx.shape, model_cfg.vocab_size)}"
+        )
     result["stage"] = "metrics"
     declared = declared_metrics(model)
-    measured = measure_kv(model, max_tokens=job.get("measure_max_tokens", 8192)) if job.get("measure") else None
+    measured = (
+        measure_kv(model, max_tokens=job.get("measure_max_tokens", 8192)) if job.get("measure") else None
+    )
     result.update(
         declared=declared,
         diagnostics=diagnostics(model),
@@ -141,10 +168,16 @@ def run_job(job: dict, root: Path, result: dict) -> None:
         from kvlab.train.loop import train
 
         train_cfg = TrainConfig.from_dict({**job["train"], "tensorboard": False, "compile": False})
-        run_info = {"attention_file": job["attention_file"], "attention_sha256": model.attention_sha256,
-                    "substrate": "seed-000 nanoGPT (kvlab.harness.SeedGPT)", "seed_config_extra": extra}  # fmt: skip
+        run_info = {
+            "attention_file": job["attention_file"],
+            "attention_sha256": model.attention_sha256,
+            "substrate": "seed-000 nanoGPT (kvlab.harness.SeedGPT)",
+            "seed_config_extra": extra,
+        }
         factory = lambda cfg: build_seed_model(root / job["attention_file"], cfg, **extra)
-        train(model_cfg, train_cfg, job["data"], root, progress=False, model_factory=factory, run_info=run_info)
+        train(
+            model_cfg, train_cfg, job["data"], root, progress=False, model_factory=factory, run_info=run_info
+        )
         history = read_metrics(root)
         result["train"] = history[-1] if history else None
     if job.get("generate"):
@@ -159,10 +192,16 @@ def _nocache_speed(model, job: dict, model_cfg) -> dict:
     from kvlab.eval.speed import nocache_speed
 
     model.eval()
-    tokens = torch.randint(0, model_cfg.vocab_size, (model_cfg.block_size,), generator=torch.Generator().manual_seed(0))
-    out = nocache_speed(model, tokens, prompt_len=job.get("prompt_len", 128), new_tokens=job.get("new_tokens", 128))
-    return {"generation_toks_per_s": out["nocache_toks_per_s"],
-            "method": "seed-000: cache-free greedy decoding, each step reruns the cropped context (eager)"}  # fmt: skip
+    tokens = torch.randint(
+        0, model_cfg.vocab_size, (model_cfg.block_size,), generator=torch.Generator().manual_seed(0)
+    )
+    out = nocache_speed(
+        model, tokens, prompt_len=job.get("prompt_len", 128), new_tokens=job.get("new_tokens", 128)
+    )
+    return {
+        "generation_toks_per_s": out["nocache_toks_per_s"],
+        "method": "seed-000: cache-free greedy decoding, each step reruns the cropped context (eager)",
+    }
 
 
 def main() -> int:
@@ -189,8 +228,13 @@ def main() -> int:
     except BaseException as e:  # noqa: BLE001 - every failure of the submission becomes a verdict
         code, verdict = _classify(e)
         result["traceback"] = traceback.format_exc()[-4000:]
-    result.update(verdict=verdict.split(":")[0], verdict_line=verdict, containment=containment,
-                  elapsed_s=time.perf_counter() - started, violations=violations[:20])  # fmt: skip
+    result.update(
+        verdict=verdict.split(":")[0],
+        verdict_line=verdict,
+        containment=containment,
+        elapsed_s=time.perf_counter() - started,
+        violations=violations[:20],
+    )
     (root / RESULT_FILE).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
     print(verdict, flush=True)
     return code

@@ -1,4 +1,4 @@
-"""`kvlab init-attention` and `kvlab validate`, and the contained run behind `kvlab train --attention-file`."""
+"""`kvlab init-attention`, `kvlab validate`, and the contained run behind `kvlab train --attention-file`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ INIT_EXAMPLES = """examples:
   kvlab validate my_attn.py
   kvlab train --attention-file my_attn.py --preset cpu-tiny --out runs/mine --set train.max_iters=200"""
 
-VALIDATE_EXAMPLES = """Prints every violation as FILE:LINE:COL rule: message and exits 1; exits 0 when the region passes.
+VALIDATE_EXAMPLES = """Prints every violation as FILE:LINE:COL rule: message and exits 1; exits 0 when the
+region passes.
 The check is a boundary, not a sandbox: `kvlab train --attention-file` also runs the file contained.
 
 examples:
@@ -23,7 +24,9 @@ examples:
 
 def run_init(args: argparse.Namespace) -> int:
     path = init_attention(args.file, args.fill, force=args.force)
-    print(f"{path}: seed 000's {args.fill} fill; edit between the region markers, then `kvlab validate {path}`")
+    print(
+        f"{path}: seed 000's {args.fill} fill; edit between the region markers, then `kvlab validate {path}`"
+    )
     return 0
 
 
@@ -100,7 +103,9 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", type=Path, help="the file to write")
-    p.add_argument("--from", dest="fill", default="mha", choices=list(FILLS), help="baseline fill (default mha)")
+    p.add_argument(
+        "--from", dest="fill", default="mha", choices=list(FILLS), help="baseline fill (default mha)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=run_init)
 

@@ -123,12 +123,15 @@ class SeedGPT(nn.Module):
                 blocks.append(SeedBlock(cfg, cls(self.seed_config, layer_idx=i)))
             except Exception as e:
                 raise AttentionLoadError(
-                    f"{loaded.path}: CausalSelfAttention(config, layer_idx={i}) failed: {type(e).__name__}: {e}"
+                    f"{loaded.path}: CausalSelfAttention(config, layer_idx={i}) failed: "
+                    f"{type(e).__name__}: {e}"
                 ) from e
         self.blocks = nn.ModuleList(blocks)
         flags = {bool(getattr(b.attn, "use_pos_emb", True)) for b in self.blocks}
         if len(flags) > 1:
-            raise AttentionLoadError(f"{loaded.path}: layers disagree on use_pos_emb; set it the same in every layer")
+            raise AttentionLoadError(
+                f"{loaded.path}: layers disagree on use_pos_emb; set it the same in every layer"
+            )
         self.uses_learned_positions = flags.pop()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if self.uses_learned_positions else None

@@ -26,7 +26,7 @@ def layer_declared(attn: nn.Module, n_head: int) -> dict[str, Any]:
     """One block's seed-000 figures from its attributes (the seed's formulas, verbatim)."""
     shares = bool(getattr(attn, "share_across_layers", False))
     n_kv_head = int(getattr(attn, "n_kv_head", n_head))
-    head_dim = int(getattr(attn, "head_dim"))
+    head_dim = int(attn.head_dim)
     latent = hasattr(attn, "kv_a_proj_with_mqa") or (shares and hasattr(attn, "kv_lora_rank"))
     if latent:
         rank, rope = int(attn.kv_lora_rank), int(attn.qk_rope_head_dim)
@@ -96,9 +96,7 @@ def _rank(m: torch.Tensor, rtol: float) -> int:
 
 
 @torch.no_grad()
-def measure_kv(
-    model: nn.Module, max_tokens: int = 8192, rtol: float = 1e-7, seed: int = 0
-) -> dict[str, Any]:
+def measure_kv(model: nn.Module, max_tokens: int = 8192, rtol: float = 1e-7, seed: int = 0) -> dict[str, Any]:
     """Measured per-token K/V bytes per layer (bf16 accounting), from a float64 copy of the model."""
     twin = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
     cfg = model.config
@@ -108,8 +106,11 @@ def measure_kv(
     gen = torch.Generator().manual_seed(seed)
     probe = _recorded(twin, torch.randint(0, cfg.vocab_size, (1, min(T, 8)), generator=gen))
     if len(probe) != cfg.n_layer:
-        return {"measured": False, "reason": f"saw {len(probe)} scaled_dot_product_attention calls "
-                f"for {cfg.n_layer} layers; measurement needs one SDPA call per layer"}  # fmt: skip
+        return {
+            "measured": False,
+            "reason": f"saw {len(probe)} scaled_dot_product_attention calls "
+            f"for {cfg.n_layer} layers; measurement needs one SDPA call per layer",
+        }
     widest = max(_features(k, v).shape[1] for k, v in probe)
     needed = 2 * widest + 16  # the sharing check stacks two layers' features
     if needed > max_tokens:

@@ -18,21 +18,81 @@ from pathlib import Path
 from kvlab.harness.template import REQUIRED_CLASS, REQUIRED_FUNCTIONS, AttentionFileError, Region, read_region
 
 FORBIDDEN_CALLS = {
-    "exec", "eval", "compile", "__import__", "open", "globals", "locals", "vars", "input",
-    "breakpoint", "help", "exit", "quit", "memoryview",
-}  # fmt: skip
+    "exec",
+    "eval",
+    "compile",
+    "__import__",
+    "open",
+    "globals",
+    "locals",
+    "vars",
+    "input",
+    "breakpoint",
+    "help",
+    "exit",
+    "quit",
+    "memoryview",
+}
 # module names (as a bare name or an attribute anywhere in a chain: torch.serialization.os)
 FORBIDDEN_NAMES = {
-    "os", "sys", "subprocess", "socket", "builtins", "ctypes", "shutil", "pathlib", "io", "importlib",
-    "pickle", "marshal", "multiprocessing", "threading", "signal", "pty", "tempfile", "glob", "inspect",
-    "gc", "code", "codeop", "runpy", "urllib", "http", "requests", "posix", "nt", "_posixsubprocess",
-    "mmap", "resource", "fcntl", "select", "asyncio", "atexit", "weakref", "traceback", "linecache",
-}  # fmt: skip
+    "os",
+    "sys",
+    "subprocess",
+    "socket",
+    "builtins",
+    "ctypes",
+    "shutil",
+    "pathlib",
+    "io",
+    "importlib",
+    "pickle",
+    "marshal",
+    "multiprocessing",
+    "threading",
+    "signal",
+    "pty",
+    "tempfile",
+    "glob",
+    "inspect",
+    "gc",
+    "code",
+    "codeop",
+    "runpy",
+    "urllib",
+    "http",
+    "requests",
+    "posix",
+    "nt",
+    "_posixsubprocess",
+    "mmap",
+    "resource",
+    "fcntl",
+    "select",
+    "asyncio",
+    "atexit",
+    "weakref",
+    "traceback",
+    "linecache",
+}
 # attributes that lead from an object to frames, code or interpreter state without a dunder
 FORBIDDEN_ATTRIBUTES = {
-    "f_globals", "f_locals", "f_builtins", "f_back", "f_code", "gi_frame", "gi_code", "cr_frame",
-    "cr_code", "ag_frame", "ag_code", "tb_frame", "tb_next", "co_code", "func_globals", "mro",
-}  # fmt: skip
+    "f_globals",
+    "f_locals",
+    "f_builtins",
+    "f_back",
+    "f_code",
+    "gi_frame",
+    "gi_code",
+    "cr_frame",
+    "cr_code",
+    "ag_frame",
+    "ag_code",
+    "tb_frame",
+    "tb_next",
+    "co_code",
+    "func_globals",
+    "mro",
+}
 DYNAMIC_ATTRIBUTE_CALLS = {"getattr", "setattr", "delattr", "hasattr"}
 ALLOWED_DECORATORS = {"staticmethod", "classmethod", "property"}
 _DUNDER = re.compile(r"^__\w+__$")
@@ -105,13 +165,20 @@ class _Checker(ast.NodeVisitor):
     def _check_definition(self, node) -> None:
         for dec in getattr(node, "decorator_list", []):
             if not (isinstance(dec, ast.Name) and dec.id in ALLOWED_DECORATORS):
-                self.flag(dec, "decorator", "decorators run code at definition time; only "
-                          f"{', '.join(sorted(ALLOWED_DECORATORS))} are allowed")  # fmt: skip
+                self.flag(
+                    dec,
+                    "decorator",
+                    "decorators run code at definition time; only "
+                    f"{', '.join(sorted(ALLOWED_DECORATORS))} are allowed",
+                )
         args = node.args
         for default in [*args.defaults, *[d for d in args.kw_defaults if d is not None]]:
             if not _is_literal(default):
-                self.flag(default, "default-argument",
-                          "default arguments must be literals (they run at definition time)")  # fmt: skip
+                self.flag(
+                    default,
+                    "default-argument",
+                    "default arguments must be literals (they run at definition time)",
+                )
         for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
             if arg is not None and arg.annotation is not None:
                 self.flag(arg.annotation, "annotation", "annotations run at definition time; remove them")
@@ -184,9 +251,11 @@ def validate_region(region: Region) -> list[Violation]:
         if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)):
             defined[stmt.name] = stmt
         else:
-            checker.flag(stmt, "top-level-statement",
-                         f"only def and class may appear at the top level of the region "
-                         f"(found {type(stmt).__name__})")  # fmt: skip
+            checker.flag(
+                stmt,
+                "top-level-statement",
+                f"only def and class may appear at the top level of the region (found {type(stmt).__name__})",
+            )
     for name in REQUIRED_FUNCTIONS:
         if not isinstance(defined.get(name), ast.FunctionDef):
             checker.flag(tree, "missing-definition", f"the region must define function {name}")

@@ -158,7 +158,10 @@ def register(sub) -> None:
     )
     p.add_argument("--time-limit", type=float, default=24 * 3600, help="--attention-file: wall seconds")
     p.add_argument(
-        "--memory-limit-gb", type=float, default=32.0, help="--attention-file: address-space limit (CPU; 0: none)"
+        "--memory-limit-gb",
+        type=float,
+        default=32.0,
+        help="--attention-file: address-space limit (CPU; 0: none)",
     )
     p.add_argument("--threads", type=int, default=1, help="--attention-file: CPU threads of the child")
     p.set_defaults(func=run)

@@ -5,8 +5,6 @@ loader runs the region with exactly the names imported below (math, torch, nn, F
 Check a file with `kvlab validate FILE`; train it with `kvlab train --attention-file FILE --out RUN`.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
