@@ -150,6 +150,11 @@ def test_cross_layer_sharing_counts_zero_and_is_measured(tmp_path):
     assert model.blocks[1].attn.kv_b_proj.weight.grad is not None
 
 
+def test_substrate_needs_the_gpt2_family(fills):
+    with pytest.raises(AttentionLoadError, match="family='llama' does not apply"):
+        meta_model(fills["mha"], ModelConfig.preset("smollm2-135m"))
+
+
 def test_seed_file_region_runs_unchanged(tmp_path):
     # a seed-style script: other code around the region is ignored; only the region is run
     text = template_text("gqa").replace("import math", "import math\nimport os\nprint('not run')")

@@ -112,6 +112,11 @@ class SeedGPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, loaded: LoadedAttention, **extra: Any):
         super().__init__()
+        if getattr(cfg, "family", "gpt2") != "gpt2":
+            raise AttentionLoadError(
+                f"seed 000's substrate is nanoGPT's GPT-2; family={cfg.family!r} does not apply to attention "
+                "files (use a gpt2-family preset such as cpu-tiny, gpt2-124m or gpt2-345m)"
+            )
         self.config = cfg
         self.seed_config = seed_config(cfg, **extra)
         self.attention_file = str(loaded.path)
