@@ -22,7 +22,7 @@ COMMAND_MODULES = (
     "kvlab.commands.generate",
     "kvlab.commands.export",
     "kvlab.bench.cli",
-    "kvlab.plugin.cli",
+    "kvlab.harness.cli",
     "kvlab.commands.search_ranks",
     "kvlab.retrofit.cli",
     "kvlab.commands.info",
@@ -36,14 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `kvlab COMMAND --help` for a command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and (name == e.name or name.startswith(e.name + ".")):  # part not built yet
-                continue
-            raise
-        module.register(sub)
+    for name in COMMAND_MODULES:  # a missing module is a real error, never skipped
+        importlib.import_module(name).register(sub)
     return parser
 
 

