@@ -21,7 +21,6 @@ from kvlab.data.fetch import DataError, extract_wheel_members
 from kvlab.data.tokenizers import train_bpe
 from kvlab.eval import evaluate
 from kvlab.eval.tasks import (
-    TASKS,
     TaskError,
     choice_metrics,
     evaluate_tasks,

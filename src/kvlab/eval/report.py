@@ -115,9 +115,9 @@ def evaluate(
 
     heldout: corpus names (see kvlab.eval.corpora; default ["heldout"], the run's own dataset split) or
     HeldoutCorpus objects; heldout_loss is the unweighted mean of their losses. tasks: zero-shot
-    tasks ("arc_easy,piqa" or NAME=PATH, see kvlab.eval.tasks), task_limit their documents. limit caps windows, documents and passages
-    per corpus (quick looks); speed=False skips tokens/s and peak memory; nocache also times
-    seed 000's cache-free generation. Metrics that cannot be computed are None.
+    tasks ("arc_easy,piqa" or NAME=PATH, see kvlab.eval.tasks), task_limit their documents. limit
+    caps windows, documents and passages per corpus (quick looks); speed=False skips tokens/s and
+    peak memory; nocache also times seed 000's cache-free generation. Metrics not computable are None.
     """
     if isinstance(run_dir_or_model, (str, Path)):
         ctx = _run_context(Path(run_dir_or_model), device)
