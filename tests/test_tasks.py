@@ -312,6 +312,7 @@ def _lm_eval_yaml(tmp_path: Path, name: str, data_file: Path) -> str:
     return f"kvtest_{name}"
 
 
+@pytest.mark.slow  # ~60 s on 2 cores: importing lm_eval and indexing its task files dominates
 def test_lm_eval_package_agrees(model, tokenizer, task_files, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -346,3 +347,39 @@ def test_lm_eval_package_agrees(model, tokenizer, task_files, tmp_path, monkeypa
         if "acc_norm" in ours[n]:
             assert theirs["acc_norm,none"] == pytest.approx(ours[n]["acc_norm"]), n
     assert isinstance(KvlabLM(model=model, tokenizer=tokenizer), lm_eval.api.model.LM)
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_adapter_rolling_and_generation(model, tokenizer):
+    pytest.importorskip("lm_eval")
+    from kvlab.eval.lm_eval_adapter import KvlabLM
+
+    lm = KvlabLM(model=model, tokenizer=tokenizer, batch_size=2, device="cuda:0")  # falls back to CPU
+    text = "Question: How do I dry wet shoes?"
+    ids = [tokenizer.eot_token] + tokenizer.encode(text)
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([ids[:-1]])).float(), dim=-1)[0]
+    want = float(sum(logp[t - 1, ids[t]] for t in range(1, len(ids))))
+    (got,) = lm.loglikelihood_rolling([_Req(text)])
+    assert got == pytest.approx(want, abs=1e-4)
+
+    # generate_until: greedy argmax continuation (full forwards), cut at the first stop string
+    ctx = tokenizer.encode("Answer:")
+    seq = list(ctx)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            if seq[-1] == tokenizer.eot_token:  # generation ends at end-of-text, which is not returned
+                seq.pop()
+                break
+    full = tokenizer.decode(seq[len(ctx) :])
+    (plain,) = lm.generate_until([_Req("Answer:", {"until": [], "max_gen_toks": 6})])
+    assert plain == full
+    stop = full[len(full) // 2 :][:2]
+    if stop:
+        (cut,) = lm.generate_until([_Req("Answer:", {"until": [stop], "max_gen_toks": 6})])
+        assert cut == full.split(stop)[0]

@@ -11,7 +11,8 @@ then `lm_eval.simple_evaluate(model="kvlab", model_args="run=runs/gqa", tasks=[.
 The scoring is kvlab's (kvlab.eval.lm.loglikelihood_tokens, which follows lm-eval's HF backend:
 context/continuation split with trailing spaces moved to the continuation, left truncation to the
 model's context, an empty context replaced by the end-of-text token); generation is kvlab's cached
-decoding. model_args: run (required), device, batch_size, max_length (default: the model's block_size).
+decoding. model_args: run (required), device, max_length (default: the model's block_size); the batch
+size is lm_eval's own --batch_size.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ def _batch(batch_size) -> int:
         return DEFAULT_BATCH
 
 
-@register_model("kvlab")
 class KvlabLM(LM):
     """lm_eval's LM interface over a kvlab GPT and its tokenizer (single process)."""
 
@@ -51,7 +51,9 @@ class KvlabLM(LM):
         **_ignored,  # lm_eval's generic options (max_batch_size, ...) that do not apply here
     ) -> None:
         super().__init__()
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # lm_eval's CLI asks for "cuda" by default; like its HF backend, fall back to the CPU without one
+        if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if model is None:
             if run is None:
                 raise KvlabError("the kvlab lm_eval model needs --model_args run=RUN_DIR (a kvlab run)")
@@ -117,6 +119,10 @@ class KvlabLM(LM):
         return outputs
 
 
+if __name__ != "__main__":  # registered once, under this module's import name (not as __main__.KvlabLM)
+    KvlabLM = register_model("kvlab")(KvlabLM)
+
+
 def main() -> None:
     """lm_eval's command line with the "kvlab" model registered."""
     from lm_eval.__main__ import cli_evaluate
@@ -125,4 +131,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import kvlab.eval.lm_eval_adapter  # noqa: F401  (registers "kvlab")
+
     main()
