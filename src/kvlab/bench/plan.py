@@ -57,7 +57,7 @@ class Cell:
     train: dict[str, Any]  # resolved TrainConfig fields, seed included
     data: dict[str, Any]  # kvlab.data.prepare arguments
     eval: dict[str, Any]  # evaluate() options of the suite
-    heldout: str  # held-out corpus: "heldout" = the training corpus's held-out split, or a corpus name
+    heldout: str | tuple[str, ...]  # "heldout" = the training corpus's held-out split, or corpus name(s)
     train_key: str
     key: str
 
@@ -167,7 +167,13 @@ def format_plan(suite: Suite, cells: list[Cell], out_dir: str | Path | None = No
             f"x accum {t.get('grad_accum', 1)}"
             f" x ctx {c.model['block_size']} = {_fmt_tokens(tokens_per_run(c))} tokens"
         )
-        lines.append(f"  {r.name:<18} {trains:<28} {budget}; held-out: {r.heldout}")
+        heldout = r.heldout if isinstance(r.heldout, str) else "mean of " + ", ".join(r.heldout)
+        lines.append(f"  {r.name:<18} {trains:<28} {budget}; held-out: {heldout}")
+    if suite.eval.get("tasks"):
+        from kvlab.eval.tasks import parse_tasks
+
+        names = ", ".join(n for n, _ in parse_tasks(suite.eval["tasks"]))
+        lines.append(f"  zero-shot tasks (lm-eval rules, acc and acc_norm): {names}")
     lines += ["", "methods (analytic KV footprint at bf16, from the model on the meta device):"]
     columns = [("method", "method", ""), ("kind", "kind", "")] + KV_COLUMNS[1:]  # kvlab info's columns
     lines += ["  " + line for line in format_table(method_kv_table(suite), columns).splitlines()]

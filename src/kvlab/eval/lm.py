@@ -98,6 +98,11 @@ def loglikelihood_tokens(
     for context, continuation in requests:
         if not continuation:
             raise EvalError("a continuation encodes to zero tokens; nothing to score")
+        if len(continuation) > max_length:  # lm-eval's HF backend asserts the same
+            raise EvalError(
+                f"a continuation of {len(continuation)} tokens is longer than the model's context "
+                f"({max_length}); score it with a longer-context model or drop that item"
+            )
         inputs.append(((list(context) + list(continuation))[-(max_length + 1) :][:-1], list(continuation)))
     order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(inputs)

@@ -2,7 +2,9 @@
 
 The top-level keys are the contract (val_loss, heldout_loss, kv_bytes_per_token, ..., measured_cache_bytes,
 generation_toks_per_s); per-corpus details (word/byte perplexity, bits per byte, LAMBADA accuracy and
-perplexity) live under `corpora[NAME]`, and heldout_loss is the first corpus's.
+perplexity) live under `corpora[NAME]`. heldout_loss is the unweighted mean of the corpora's losses
+(seed 000's 345M version; one corpus: its loss) and `heldout_losses` holds each corpus's. Zero-shot
+tasks (kvlab.eval.tasks), when asked for, sit under `tasks[NAME]` (acc, acc_norm, ...).
 """
 
 from __future__ import annotations
@@ -112,13 +114,16 @@ def evaluate(
     cloze_size: int = CLOZE_SIZE,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    tasks: str | list[str] | None = None,
+    task_limit: int | None = None,
 ) -> dict[str, Any]:
     """All metrics of a run directory (or a GPT with explicit data) as one dict (design.md, Metrics).
 
     heldout: corpus names (see kvlab.eval.corpora; default ["heldout"], the run's own dataset split) or
-    HeldoutCorpus objects; heldout_loss is the first one's. limit caps windows, documents and passages
-    per corpus (quick looks); speed=False skips tokens/s and peak memory; nocache also times
-    seed 000's cache-free generation. Metrics that cannot be computed are None.
+    HeldoutCorpus objects; heldout_loss is the unweighted mean of their losses. tasks: zero-shot
+    tasks ("arc_easy,piqa" or NAME=PATH, see kvlab.eval.tasks), task_limit their documents. limit
+    caps windows, documents and passages per corpus (quick looks); speed=False skips tokens/s and
+    peak memory; nocache also times seed 000's cache-free generation. Metrics not computable are None.
     """
     if isinstance(run_dir_or_model, (str, Path)):
         ctx = _run_context(Path(run_dir_or_model), device)
@@ -163,9 +168,10 @@ def evaluate(
         else None
     )
     details = {c.name: score_corpus(model, tokenizer, c, block_size, batch_size, limit) for c in corpora}
-    first = details[corpora[0].name]
-    result["heldout_corpus"] = corpora[0].name
-    result["heldout_loss"] = first.get("heldout_loss")
+    losses = {name: d["heldout_loss"] for name, d in details.items() if d.get("heldout_loss") is not None}
+    result["heldout_corpus"] = corpora[0].name if len(corpora) == 1 else "+".join(details)
+    result["heldout_loss"] = sum(losses.values()) / len(losses) if losses else None
+    result["heldout_losses"] = losses
     result.update(model.kv_metrics())
 
     # A real prompt for the cache and speed measurements: held-out tokens, else validation tokens.
@@ -186,6 +192,10 @@ def evaluate(
     if nocache:
         result.update(nocache_speed(model, prompt_source))
     result["corpora"] = details
+    if tasks:
+        from kvlab.eval.tasks import evaluate_tasks
+
+        result["tasks"] = evaluate_tasks(model, tokenizer, tasks, block_size, task_limit, batch_size)
     return result
 
 
@@ -239,6 +249,12 @@ def format_report(metrics: dict[str, Any]) -> str:
                 f"{metrics['generation_new_tokens']} new tokens, batch 1",
             )
         )
+    if len(metrics.get("heldout_losses") or {}) > 1:
+        rows += [(f"  held-out loss, {n}", _fmt(v, ".4f")) for n, v in metrics["heldout_losses"].items()]
+    for name, t in (metrics.get("tasks") or {}).items():
+        for m in ("acc", "acc_norm"):
+            if m in t:
+                rows.append((f"{name} {m}", f"{t[m]:.4f} ± {t[m + '_stderr']:.4f} ({t['items']} items)"))
     width = max(len(label) for label, _ in rows)
     lines += [f"{label.ljust(width)}  {value}" for label, value in rows]
     for name, d in metrics.get("corpora", {}).items():

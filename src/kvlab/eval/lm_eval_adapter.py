@@ -1,0 +1,136 @@
+"""An lm-evaluation-harness model backed by a kvlab run: `--model kvlab --model_args run=RUN`.
+
+Importing this module registers the model under the name "kvlab" in lm_eval's registry (lm_eval has
+no plugin entry points, so the import is what makes the name known). From a shell:
+
+    python -m kvlab.eval.lm_eval_adapter --model kvlab --model_args run=runs/gqa --tasks piqa --limit 50
+
+takes exactly lm_eval's command-line arguments; from Python, `import kvlab.eval.lm_eval_adapter` and
+then `lm_eval.simple_evaluate(model="kvlab", model_args="run=runs/gqa", tasks=[...])`.
+
+The scoring is kvlab's (kvlab.eval.lm.loglikelihood_tokens, which follows lm-eval's HF backend:
+context/continuation split with trailing spaces moved to the continuation, left truncation to the
+model's context, an empty context replaced by the end-of-text token); generation is kvlab's cached
+decoding. model_args: run (required), device, max_length (default: the model's block_size); the batch
+size is lm_eval's own --batch_size.
+"""
+
+from __future__ import annotations
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from kvlab.errors import KvlabError
+from kvlab.eval.lm import loglikelihood_tokens, rolling_loglikelihood
+from kvlab.eval.tasks import encode_request
+
+DEFAULT_BATCH = 16
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF default for generate_until
+
+
+def _batch(batch_size) -> int:
+    """lm_eval passes batch_size as an int, a digit string or "auto" (kvlab then uses its default)."""
+    try:
+        return max(1, int(batch_size))
+    except (TypeError, ValueError):
+        return DEFAULT_BATCH
+
+
+class KvlabLM(LM):
+    """lm_eval's LM interface over a kvlab GPT and its tokenizer (single process)."""
+
+    def __init__(
+        self,
+        run: str | None = None,
+        device: str | None = None,
+        batch_size=DEFAULT_BATCH,
+        max_length: int | None = None,
+        model=None,
+        tokenizer=None,
+        **_ignored,  # lm_eval's generic options (max_batch_size, ...) that do not apply here
+    ) -> None:
+        super().__init__()
+        # lm_eval's CLI asks for "cuda" by default; like its HF backend, fall back to the CPU without one
+        if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if model is None:
+            if run is None:
+                raise KvlabError("the kvlab lm_eval model needs --model_args run=RUN_DIR (a kvlab run)")
+            from kvlab.checkpoint import load_model
+            from kvlab.data import load_tokenizer
+
+            model, tokenizer = load_model(run, device=device), load_tokenizer(run)
+        elif tokenizer is None:
+            raise KvlabError("KvlabLM(model=...) also needs tokenizer=...")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = _batch(batch_size)
+        self.max_length = int(max_length or model.config.block_size)
+        self._device = next(model.parameters()).device
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eot_token
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [encode_request(self.tokenizer, *req.args) for req in requests]
+        return loglikelihood_tokens(self.model, pairs, self.max_length, self.batch_size)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        token_lists = [list(self.tokenizer.encode(req.args[0])) for req in requests]
+        return rolling_loglikelihood(
+            self.model, token_lists, self.max_length, self.eot_token_id, self.batch_size
+        )
+
+    @torch.inference_mode()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from kvlab.generate import generate
+
+        outputs = []
+        for req in requests:
+            context, kwargs = req.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_gen = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+            ctx = list(self.tokenizer.encode(context)) or [self.eot_token_id]
+            # as lm-eval's HF backend: keep the last (max_length - max_gen_toks) context tokens
+            ctx = ctx[-max(1, self.max_length - max_gen) :]
+            new = min(max_gen, self.max_length - len(ctx))
+            if new < 1:
+                outputs.append("")
+                continue
+            idx = torch.tensor([ctx], dtype=torch.long, device=self._device)
+            result = generate(self.model, idx, new, temperature=temperature, eos_token=self.eot_token_id)
+            new_tokens = result.tokens[0, len(ctx) :].tolist()
+            if self.eot_token_id in new_tokens:
+                new_tokens = new_tokens[: new_tokens.index(self.eot_token_id)]
+            text = self.tokenizer.decode(new_tokens)
+            for stop in until:  # lm-eval cuts the generation at the first stop sequence
+                if stop:
+                    text = text.split(stop)[0]
+            outputs.append(text)
+        return outputs
+
+
+if __name__ != "__main__":  # registered once, under this module's import name (not as __main__.KvlabLM)
+    KvlabLM = register_model("kvlab")(KvlabLM)
+
+
+def main() -> None:
+    """lm_eval's command line with the "kvlab" model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    import kvlab.eval.lm_eval_adapter  # noqa: F401  (registers "kvlab")
+
+    main()
