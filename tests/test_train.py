@@ -346,7 +346,21 @@ def test_cli_train_and_resume(data_dir, tmp_path, capsys):
     assert config["model"]["attention"]["n_kv_heads"] == 1 and config["train"]["max_iters"] == 4
     assert config["model"]["n_layer"] == 2 and [m["step"] for m in read_metrics(out)] == [2, 4]
     # --resume reads config.json; a longer budget continues from step 4
-    assert main(["train", "--out", str(out), "--resume", "--no-progress", "--set", "train.max_iters=6"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(out),
+                "--resume",
+                "--no-progress",
+                "--allow-config-change",
+                "--set",
+                "train.max_iters=6",
+            ]
+        )
+        == 0
+    )
     assert [m["step"] for m in read_metrics(out)] == [2, 4, 6]
 
 

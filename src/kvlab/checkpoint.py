@@ -7,11 +7,13 @@ temporary file first and is renamed into place, so a killed process never leaves
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import platform
+import secrets
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +33,53 @@ class CheckpointError(KvlabError):
     """A run directory that cannot be read; the message names the file and what to do."""
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT from Python, or from safetensors' Rust writer (which reports it only as text)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, SafetensorError) and ("code: 28" in str(e) or "No space left" in str(e))
+
+
 def atomic_write(path: str | Path, write_fn) -> None:
-    """Call write_fn(tmp_path) and rename tmp into `path` (same directory, so the rename is atomic)."""
+    """Call write_fn(tmp_path) and rename tmp into `path` (same directory, so the rename is atomic).
+
+    The temporary file is created with mode 0666 & ~umask (mkstemp's 0600 would make every run file
+    private whatever the user's umask). A failure removes it and raises one line naming the path.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as e:
+        raise OutputError(output_problem(path, e)) from e
     try:
         write_fn(tmp)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        raise OutputError(output_problem(path, e)) from e
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+class OutputError(KvlabError):
+    """An output path that cannot be written (a file in the way, no permission, read-only, disk full)."""
+
+
+def output_problem(path: str | Path, e: BaseException) -> str:
+    """One line saying why `path` cannot be written and what to do."""
+    if is_disk_full(e):
+        return f"cannot write {path}: the disk is full; free space and run again"
+    reason = getattr(e, "strerror", None) or str(e)
+    hint = {
+        errno.EEXIST: "a file is in the way of a directory; choose another path",
+        errno.ENOTDIR: "a parent of it is a file, not a directory; choose another path",
+        errno.EACCES: "no permission; choose a writable path",
+        errno.EPERM: "no permission; choose a writable path",
+        errno.EROFS: "the filesystem is read-only; choose a writable path",
+        errno.EISDIR: "it is a directory; choose a file path",
+    }.get(getattr(e, "errno", None), "choose another path")
+    return f"cannot write {path}: {reason} ({hint})"
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -78,20 +115,38 @@ def environment_info() -> dict[str, Any]:
     return info
 
 
-def save_model(run_dir: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> None:
-    """Write model.safetensors and config.json ({"model": ..., **extra, "environment": ...})."""
-    run_dir = Path(run_dir)
-    # Tied weights: store each tensor once (lm_head.weight is wte.weight) and re-tie on load; an untied
-    # head (NeoX, most Llama models) is a tensor of its own.
+def weights_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors model.safetensors stores. Tied weights: each tensor once (lm_head.weight is wte.weight,
+    re-tied on load); an untied head (NeoX, most Llama models) is a tensor of its own."""
     tied = model.config.tie_embeddings
-    state = {
+    return {
         k: v.detach().contiguous().cpu()
         for k, v in model.state_dict().items()
         if not (tied and k == "lm_head.weight")
     }
+
+
+def live_model_config(model: GPT) -> dict[str, Any]:
+    """The model's config as saved: a MatryoshkaKV model's current ranks (set_ranks) are part of it."""
+    config = model.config
+    if any(getattr(m, "k_ranks", None) is not None for m in model.modules()):
+        from kvlab.attention.matryoshka import ranks_config
+
+        config = dataclasses.replace(config, attention=ranks_config(model))
+    return config.to_dict()
+
+
+def run_config(model: GPT, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json's content: {"model": ..., **extra, "environment": ...}."""
+    return {"model": live_model_config(model), **(extra or {}), "environment": environment_info()}
+
+
+def save_model(run_dir: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> None:
+    """Write model.safetensors and config.json ({"model": ..., **extra, "environment": ...})."""
+    run_dir = Path(run_dir)
+    state = weights_state(model)
     atomic_write(run_dir / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    config = {"model": model.config.to_dict(), **(extra or {}), "environment": environment_info()}
-    write_json(run_dir / CONFIG_FILE, config)
+    write_json(run_dir / CONFIG_FILE, run_config(model, extra))
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:
@@ -144,7 +199,10 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
         raise CheckpointError(f"{run_dir / CONFIG_FILE}: bad model config ({e})") from e
     weights = run_dir / WEIGHTS_FILE
     if not weights.is_file():
-        raise CheckpointError(f"{weights} not found; the run has not saved weights yet")
+        raise CheckpointError(
+            f"{weights} not found: the run has no checkpoint yet (training stopped before its first "
+            "evaluation); train it further with `kvlab train --out RUN --resume`, or retrain"
+        )
     try:
         state = load_file(weights, device=str(device))
     except (SafetensorError, OSError) as e:

@@ -51,7 +51,7 @@ class KvlabBackend:
     def train(self, model_cfg: ModelConfig, train_cfg: dict[str, Any], data_dir: Path, out_dir: Path) -> Path:
         from kvlab.config import TrainConfig
         from kvlab.train import train
-        from kvlab.train.checkpointing import RESUME_FILE
+        from kvlab.train.checkpointing import has_checkpoint
 
         # a run killed after its first checkpoint continues from it instead of restarting
         return Path(
@@ -60,7 +60,7 @@ class KvlabBackend:
                 TrainConfig.from_dict(train_cfg),
                 data_dir,
                 out_dir,
-                resume=(Path(out_dir) / RESUME_FILE).is_file(),
+                resume=has_checkpoint(Path(out_dir)),
                 progress=sys.stderr.isatty(),
             )
         )

@@ -90,7 +90,16 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:
             raise KvlabError("no --data given and kvlab.data is unavailable; pass --data DATASET_DIR") from e
         data = prepare(args.corpus, args.tokenizer, verbose=args.progress)
-    run_dir = train(model_cfg, train_cfg, data, args.out, resume=args.resume, progress=args.progress)
+    run_dir = train(
+        model_cfg,
+        train_cfg,
+        data,
+        args.out,
+        resume=args.resume,
+        progress=args.progress,
+        overwrite=args.overwrite,
+        allow_changes=args.allow_config_change,
+    )
     from kvlab.train.checkpointing import read_metrics
 
     metrics = read_metrics(run_dir)
@@ -150,6 +159,12 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", default="bpe-8k", help="tokenizer to prepare with when --data is not given")
     p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config fields")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's checkpoints in --out")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue although --set changes train fields (named and recorded)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument(
         "--attention-file",

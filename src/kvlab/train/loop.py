@@ -9,6 +9,7 @@ The same function runs single-process or as one torchrun DDP rank.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -20,7 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvlab.checkpoint import CheckpointError, load_model, save_model
+from kvlab.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    live_model_config,
+    load_model,
+    run_config,
+    write_json,
+)
 from kvlab.config import ModelConfig, TrainConfig
 from kvlab.errors import KvlabError
 from kvlab.model import GPT
@@ -28,6 +36,7 @@ from kvlab.train import checkpointing as ckpt
 from kvlab.train.batches import DataError, make_batch, open_split, rank_slices, read_meta, sample_offsets
 from kvlab.train.distributed import DistContext, init_distributed, resolve_device
 from kvlab.train.optim import GroupRule, Trainable, configure_optimizer, lr_at, select_trainable
+from kvlab.train.rundir import check_resume_config, diverging_warning, prepare_run_dir
 from kvlab.train.terms import Hook, LossTerm, default_terms, distillation_terms, total_loss
 
 VAL_SEED_OFFSET = 1_000_003  # val batches come from their own generator: the same at every evaluation
@@ -124,6 +133,8 @@ def train(
     group_rule: GroupRule | None = None,
     model_factory: Callable[[ModelConfig], nn.Module] | None = None,
     run_info: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    allow_changes: bool = False,
 ) -> Path:
     """Train (or continue with resume=True) and return the run directory.
 
@@ -135,6 +146,8 @@ def train(
     model_factory: builds the model from the resolved config instead of GPT (seed 000's substrate around an
     attention file: kvlab.harness); it must expose `config` and `forward(idx) -> logits`.
     run_info: extra fields recorded under "run" in config.json.
+    overwrite: replace the checkpoints of an earlier run in out_dir (refused otherwise: nothing is lost).
+    allow_changes: resume although train fields differ from config.json (they are named and recorded).
     """
     ctx = init_distributed(train_cfg.device)
     try:
@@ -154,6 +167,8 @@ def train(
             group_rule,
             model_factory,
             run_info or {},
+            overwrite,
+            allow_changes,
         )
     finally:
         ctx.close()
@@ -175,6 +190,8 @@ def _train(
     group_rule,
     model_factory,
     run_info,
+    overwrite=False,
+    allow_changes=False,
 ) -> Path:
     device = resolve_device(cfg.device, ctx)
     autocast, amp_dtype = _autocast(device, cfg.dtype)
@@ -218,28 +235,6 @@ def _train(
         else (distillation_terms(teacher) if teacher is not None else default_terms())
     )
 
-    step, elapsed_before, best_val, last_val = 0, 0.0, math.inf, None
-    if resume:
-        state = ckpt.load_resume_state(run_dir)
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            reason = str(e).splitlines()[0]
-            raise CheckpointError(
-                f"{run_dir / ckpt.RESUME_FILE} does not match this model/train config ({reason})"
-            ) from e
-        ckpt.restore_rng_states(state["rng"], batch_gen, hook_gen)
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        best_val, last_val = state["best_val_loss"], state["val_loss"]
-        if ctx.is_main:
-            ckpt.truncate_metrics(run_dir, step)
-    elif ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ckpt.METRICS_FILE).unlink(missing_ok=True)
-        (run_dir / ckpt.RESUME_FILE).unlink(missing_ok=True)
-        _save_tokenizer(data_dir, run_dir)
-
     extra = {
         "train": cfg.to_dict(),
         "data": {
@@ -256,8 +251,29 @@ def _train(
             **run_info,
         },
     }
-    if ctx.is_main and not resume:
-        save_model(run_dir, model, extra)
+    step, elapsed_before, best_val, last_val = 0, 0.0, math.inf, None
+    if ctx.is_main:
+        prepare_run_dir(run_dir, resume, overwrite)
+    if resume:
+        state = ckpt.load_resume_state(run_dir)
+        changed = check_resume_config(run_dir, live_model_config(model), cfg.to_dict(), allow_changes)
+        if changed and ctx.is_main:
+            write_json(run_dir / CONFIG_FILE, {**run_config(model, extra), "resumed_with_changes": changed})
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            reason = str(e).splitlines()[0]
+            raise CheckpointError(
+                f"{run_dir / ckpt.RESUME_FILE} does not match this model/train config ({reason})"
+            ) from e
+        ckpt.restore_rng_states(state["rng"], batch_gen, hook_gen)
+        step, elapsed_before = state["step"], state["elapsed_s"]
+        best_val, last_val = state["best_val_loss"], state["val_loss"]
+    elif ctx.is_main:
+        _save_tokenizer(data_dir, run_dir)
+        write_json(run_dir / CONFIG_FILE, run_config(model, extra))
+    ctx.barrier()
 
     raw_model = model
     if cfg.compile:
@@ -281,6 +297,7 @@ def _train(
     model.train()
     start = time.perf_counter()
     window_losses, window_train_s, window_t0 = [], 0.0, time.perf_counter()
+    warned = False
     while step < cfg.max_iters:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -338,11 +355,14 @@ def _train(
             "elapsed_s": elapsed_before + time.perf_counter() - start,
         }
         if ctx.is_main:
-            # metrics first: a kill before the checkpoint leaves a line that resume drops again
-            ckpt.append_metrics(run_dir, record)
-            save_model(run_dir, raw_model, extra)
-            ckpt.save_resume_state(
+            warning = None if warned else diverging_warning(val, model_cfg.vocab_size, step, cfg.lr)
+            if warning:
+                print(warning, file=sys.stderr)
+                warned = True
+            ckpt.commit_checkpoint(
                 run_dir,
+                step,
+                raw_model,
                 {
                     "model": raw_model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -352,6 +372,7 @@ def _train(
                     "best_val_loss": best_val,
                     "elapsed_s": record["elapsed_s"],
                 },
+                record,
             )
             if writer is not None:
                 for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):

@@ -1,0 +1,82 @@
+"""The run directory before training starts, and the run's health while it trains.
+
+`prepare_run_dir` makes --out usable or says in one line why not (a file in the way, no permission, a
+finished run that would be overwritten), and removes what a killed run left half written.
+`check_resume_config` keeps a resumed run true to its config.json: a changed field is named, and only
+taken with `allow_changes`. `diverging_warning` says so when the loss climbs far above chance.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from kvlab.checkpoint import CONFIG_FILE, OutputError, output_problem, read_config
+from kvlab.errors import KvlabError
+from kvlab.train import checkpointing as ckpt
+
+# Train fields that may differ on resume without changing what the run computes.
+RESUME_FREE_FIELDS = {"device", "compile", "tensorboard", "log_interval"}
+
+
+class RunExists(KvlabError):
+    """--out already holds a trained run and neither resume nor overwrite was asked for."""
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(run_dir)
+        if not resume and ckpt.has_checkpoint(run_dir):
+            if not overwrite:
+                steps = [m["step"] for m in ckpt.read_metrics(run_dir)]
+                at = f" (trained to step {steps[-1]})" if steps else ""
+                raise RunExists(
+                    f"{run_dir} already holds a run{at}; pass --resume to continue it, --overwrite to "
+                    "replace it, or choose another --out"
+                )
+            ckpt.remove_run_outputs(run_dir)
+        ckpt.ensure_links(run_dir)
+    except OSError as e:
+        raise OutputError(output_problem(run_dir, e)) from e
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], section: str) -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    return [
+        f"{section}.{k} ({saved.get(k)!r} -> {now.get(k)!r})"
+        for k in keys
+        if saved.get(k) != now.get(k) and not (section == "train" and k in RESUME_FREE_FIELDS)
+    ]
+
+
+def check_resume_config(
+    run_dir: Path, model_dict: dict[str, Any], train_dict: dict[str, Any], allow_changes: bool
+) -> list[str]:
+    """The fields that differ from the run's config.json; an error unless allow_changes (model: always)."""
+    saved = read_config(run_dir)
+    model_diff = config_differences(saved.get("model", {}), model_dict, "model")
+    if model_diff:
+        raise KvlabError(
+            f"--resume: the model differs from {run_dir / CONFIG_FILE}: {', '.join(model_diff[:4])}; "
+            "the checkpoint's weights only fit its own model: drop those settings or train a new --out"
+        )
+    train_diff = config_differences(saved.get("train", {}), train_dict, "train")
+    if train_diff and not allow_changes:
+        raise KvlabError(
+            f"--resume: {', '.join(train_diff)} differ from {run_dir / CONFIG_FILE}; a resumed run keeps "
+            "its config: drop the --set, or pass --allow-config-change to continue with it (recorded)"
+        )
+    return train_diff
+
+
+def diverging_warning(val_loss: float, vocab_size: int, step: int, lr: float) -> str | None:
+    """A line when val loss is above twice that of uniform guessing (ln V): the run is diverging."""
+    limit = 2 * math.log(vocab_size)
+    if not val_loss > limit:
+        return None
+    return (
+        f"kvlab: warning: val_loss {val_loss:.4g} at step {step} is above 2 x ln(vocab) = {limit:.2f} "
+        f"(twice the loss of uniform guessing): training is diverging; lower train.lr (now {lr:g})"
+    )
