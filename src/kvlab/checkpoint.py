@@ -8,7 +8,6 @@ temporary file first and is renamed into place, so a killed process never leaves
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import platform
@@ -19,10 +18,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from kvlab.config import ConfigError, ModelConfig
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, OutputError, output_problem
 from kvlab.model import GPT
 
 CONFIG_FILE = "config.json"
@@ -31,13 +31,6 @@ WEIGHTS_FILE = "model.safetensors"
 
 class CheckpointError(KvlabError):
     """A run directory that cannot be read; the message names the file and what to do."""
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC/EDQUOT from Python, or from safetensors' Rust writer (which reports it only as text)."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(e, SafetensorError) and ("code: 28" in str(e) or "No space left" in str(e))
 
 
 def atomic_write(path: str | Path, write_fn) -> None:
@@ -60,26 +53,6 @@ def atomic_write(path: str | Path, write_fn) -> None:
         raise OutputError(output_problem(path, e)) from e
     finally:
         tmp.unlink(missing_ok=True)
-
-
-class OutputError(KvlabError):
-    """An output path that cannot be written (a file in the way, no permission, read-only, disk full)."""
-
-
-def output_problem(path: str | Path, e: BaseException) -> str:
-    """One line saying why `path` cannot be written and what to do."""
-    if is_disk_full(e):
-        return f"cannot write {path}: the disk is full; free space and run again"
-    reason = getattr(e, "strerror", None) or str(e)
-    hint = {
-        errno.EEXIST: "a file is in the way of a directory; choose another path",
-        errno.ENOTDIR: "a parent of it is a file, not a directory; choose another path",
-        errno.EACCES: "no permission; choose a writable path",
-        errno.EPERM: "no permission; choose a writable path",
-        errno.EROFS: "the filesystem is read-only; choose a writable path",
-        errno.EISDIR: "it is a directory; choose a file path",
-    }.get(getattr(e, "errno", None), "choose another path")
-    return f"cannot write {path}: {reason} ({hint})"
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -126,6 +99,12 @@ def weights_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def write_weights(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """safetensors bytes written with open(): mode 0666 & ~umask, and no hidden temp file of
+    safetensors' own (save_file makes one, mode 0600, left behind when the process is killed)."""
+    Path(path).write_bytes(safetensors_bytes(state, metadata={"format": "pt"}))
+
+
 def live_model_config(model: GPT) -> dict[str, Any]:
     """The model's config as saved: a MatryoshkaKV model's current ranks (set_ranks) are part of it."""
     config = model.config
@@ -145,7 +124,7 @@ def save_model(run_dir: str | Path, model: GPT, extra: dict[str, Any] | None = N
     """Write model.safetensors and config.json ({"model": ..., **extra, "environment": ...})."""
     run_dir = Path(run_dir)
     state = weights_state(model)
-    atomic_write(run_dir / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(run_dir / WEIGHTS_FILE, lambda tmp: write_weights(tmp, state))
     write_json(run_dir / CONFIG_FILE, run_config(model, extra))
 
 

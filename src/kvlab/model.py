@@ -19,6 +19,7 @@ from kvlab.attention import KVStructure, get_variant
 from kvlab.attention.base import init_linear_, residual_std
 from kvlab.cache import CacheError, KVCache
 from kvlab.config import ModelConfig
+from kvlab.inputs import check_token_ids
 
 # cuDNN's SDPA builds a new execution plan for every new sequence length (about 5 ms of CPU per call on
 # an H100 with torch 2.11, measured), and generation changes the length every step (the cache's keys, or
@@ -120,6 +121,7 @@ class GPT(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab). With a cache: appends to it and returns every position."""
+        check_token_ids(idx, self.config.vocab_size)
         B, T = idx.shape
         pos = 0
         if cache is not None:
@@ -168,6 +170,8 @@ class GPT(nn.Module):
                 f"max_len={max_len} exceeds block_size={self.config.block_size}; learned positions stop there"
             )
         dtype = dtype or self._param_dtype()
+        if not dtype.is_floating_point:
+            raise CacheError(f"cache dtype {dtype} would round K/V to integers; use a floating dtype")
         device = torch.device(device) if device is not None else self.wte.weight.device
         states = [
             b.attn.new_state(batch_size, max_len, device, dtype) if self.owners[i] == i else None
@@ -177,6 +181,8 @@ class GPT(nn.Module):
 
     def kv_cache_bytes(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> int:
         """Analytic bytes of new_cache(batch_size, max_len, dtype); equals cache.nbytes() exactly."""
+        if not (isinstance(batch_size, int) and isinstance(max_len, int) and batch_size > 0 and max_len > 0):
+            raise CacheError(f"batch_size={batch_size!r} and max_len={max_len!r} must be positive integers")
         dtype = dtype or self._param_dtype()
         return sum(b.attn.cache_bytes(batch_size, max_len, dtype) for b in self.blocks)
 

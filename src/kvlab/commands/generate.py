@@ -9,11 +9,17 @@ import torch
 from kvlab.checkpoint import load_model, resolve_source
 from kvlab.errors import KvlabError
 from kvlab.generate import generate
+from kvlab.inputs import check_device
 
 
 def _encode_prompt(args, run_dir):
     if args.prompt_ids is not None:
-        return [int(t) for t in args.prompt_ids.split(",") if t.strip()], None
+        try:
+            return [int(t) for t in args.prompt_ids.split(",") if t.strip()], None
+        except ValueError as e:
+            raise KvlabError(
+                f"--prompt-ids {args.prompt_ids!r}: expected comma-separated token ids, e.g. 1,2,3"
+            ) from e
     try:
         from kvlab.data import load_tokenizer
     except ImportError as e:  # pragma: no cover - data package always ships
@@ -22,15 +28,30 @@ def _encode_prompt(args, run_dir):
     return tokenizer.encode(args.prompt), tokenizer
 
 
+def _check_options(args) -> None:
+    """Sampling options, checked before the model is loaded."""
+    if args.max_new_tokens < 1:
+        raise KvlabError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.top_k is not None and args.top_k < 1:
+        raise KvlabError(f"--top-k {args.top_k}: must be at least 1 (or leave it out: no top-k filter)")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise KvlabError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_options(args)
+    check_device(args.device)
     _, source_dir = resolve_source(args.run_dir)  # a run, hf:DIR or a fetchable model: tokenizer beside it
     model = load_model(source_dir, device=args.device)
     ids, tokenizer = _encode_prompt(args, source_dir)
     if not ids:
         raise KvlabError("the prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3")
     vocab = model.config.vocab_size
-    if max(ids) >= vocab:
-        raise KvlabError(f"prompt token id {max(ids)} is outside the model's vocabulary ({vocab} tokens)")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise KvlabError(f"prompt token id {bad[0]} is outside the model's vocabulary ({vocab} tokens)")
+    if args.eos_id is not None and not 0 <= args.eos_id < vocab:
+        raise KvlabError(f"--eos-id {args.eos_id} is outside the model's vocabulary ({vocab} tokens)")
     idx = torch.tensor([ids], dtype=torch.long, device=args.device)
     eos = args.eos_id if args.eos_id is not None else getattr(tokenizer, "eot_token", None)
     result = generate(

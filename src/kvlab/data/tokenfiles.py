@@ -18,6 +18,7 @@ import numpy as np
 from kvlab.data.corpora import SPLITS, Corpus, corpus_name, load_corpus
 from kvlab.data.fetch import DataError, data_root
 from kvlab.data.tokenizers import Tokenizer, bpe_vocab_size, load_tokenizer, train_bpe
+from kvlab.errors import OutputError, output_problem
 
 ENCODE_BATCH = 64  # documents per encode_batch call: big enough to use every core, small enough for tqdm
 
@@ -36,6 +37,10 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int | None = None) -> float:
 
 def dataset_dir(corpus_or_path: str | Path = "shakespeare", tokenizer: str = "bpe-8k", root=None) -> Path:
     root = Path(root) if root is not None else data_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(output_problem(root, e)) from e
     return root / "datasets" / f"{corpus_name(corpus_or_path)}-{tokenizer}"
 
 
@@ -169,7 +174,19 @@ def open_split(dataset_dir: str | Path, split: str, min_tokens: int = 1) -> np.m
     path = Path(dataset_dir) / f"{split}.bin"
     if not path.is_file():
         raise DataError(f"{path} does not exist; rerun `kvlab data prepare --force`")
-    n = path.stat().st_size // np.dtype(meta["dtype"]).itemsize
+    size, itemsize = path.stat().st_size, np.dtype(meta["dtype"]).itemsize
+    if size % itemsize:
+        raise DataError(
+            f"{path} is {size} bytes, not a whole number of {meta['dtype']} tokens ({itemsize} bytes each): "
+            "it is truncated or damaged; rerun `kvlab data prepare --force`"
+        )
+    n = size // itemsize
+    recorded = meta.get("splits", {}).get(split, {}).get("tokens")
+    if recorded is not None and n != recorded:
+        raise DataError(
+            f"{path} holds {n:,} tokens but meta.json records {recorded:,}: it is truncated or from another "
+            "preparation; rerun `kvlab data prepare --force`"
+        )
     check_split_length(n, min_tokens, split, path)
     return np.memmap(path, dtype=meta["dtype"], mode="r")
 

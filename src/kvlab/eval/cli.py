@@ -9,7 +9,9 @@ import sys
 
 import torch
 
+from kvlab.errors import KvlabError
 from kvlab.eval.report import evaluate, format_report
+from kvlab.inputs import check_device
 
 EXAMPLES = """examples:
   kvlab eval runs/gqa                                  # the run's own held-out split + offline cloze set
@@ -37,6 +39,10 @@ def _json_safe(obj):
 
 
 def run(args: argparse.Namespace) -> int:
+    for option, value in (("--limit", args.limit), ("--eval-iters", args.eval_iters)):
+        if value is not None and value < 1:
+            raise KvlabError(f"{option} {value}: must be a positive integer")
+    check_device(args.device)
     metrics = evaluate(
         args.run_dir,
         heldout=args.heldout,

@@ -96,9 +96,17 @@ def named_corpus(name: str, tokenizer, cloze_size: int = CLOZE_SIZE, seed: int =
 
 
 def resolve_corpus(
-    name: str, dataset_dir: str | Path | None, tokenizer, cloze_size: int = CLOZE_SIZE, seed: int = 0
+    name: str,
+    dataset_dir: str | Path | None,
+    tokenizer,
+    cloze_size: int = CLOZE_SIZE,
+    seed: int = 0,
+    run_tokenizer: str | None = None,
 ) -> HeldoutCorpus:
-    """--heldout NAME -> HeldoutCorpus: "heldout" = the run's dataset, a dataset dir, or a corpus name."""
+    """--heldout NAME -> HeldoutCorpus: "heldout" = the run's dataset, a dataset dir, or a corpus name.
+
+    run_tokenizer: the tokenizer the run was trained with (config.json data.tokenizer); a dataset
+    directory tokenized by another one is refused (its token ids mean other strings)."""
     if name == DEFAULT_CORPUS:
         if dataset_dir is None:
             raise CorpusError(
@@ -112,5 +120,11 @@ def resolve_corpus(
         return dataset_corpus(dataset_dir, DEFAULT_CORPUS, cloze_size, seed)
     path = Path(name)
     if path.is_dir() and (path / "meta.json").is_file():
+        made_with = _data().read_meta(path).get("tokenizer")
+        if run_tokenizer is not None and made_with != run_tokenizer:
+            raise CorpusError(
+                f"--heldout {name} was tokenized with {made_with} but the run uses {run_tokenizer}; "
+                f"prepare it with `kvlab data prepare --corpus CORPUS --tokenizer {run_tokenizer}`"
+            )
         return dataset_corpus(path, path.name, cloze_size, seed)
     return named_corpus(name, tokenizer, cloze_size, seed)

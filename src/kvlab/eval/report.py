@@ -56,6 +56,7 @@ def _run_context(run_dir: Path, device) -> dict[str, Any]:
         "tokenizer": tokenizer,
         "tokenizer_error": tokenizer_error,
         "dataset_dir": data_cfg.get("dir"),
+        "data_tokenizer": data_cfg.get("tokenizer"),
         # A run is scored at its training context; an imported model at most at HF_EVAL_CONTEXT tokens,
         # since a pretrained model's full window (SmolLM2: 8192) makes CPU scoring impractically slow.
         "block_size": train.get("block_size") or min(model.config.block_size, HF_EVAL_CONTEXT),
@@ -135,6 +136,7 @@ def evaluate(
             "tokenizer": None,
             "tokenizer_error": None,
             "dataset_dir": None,
+            "data_tokenizer": None,
             "block_size": model.config.block_size,
             "batch_size": 8,
             "eval_iters": 200,
@@ -156,7 +158,7 @@ def evaluate(
             raise CorpusError(
                 f"--heldout {h} needs the run's tokenizer ({ctx['tokenizer_error'] or 'none given'})"
             )
-        corpora.append(resolve_corpus(h, dataset_dir, tokenizer, cloze_size, seed))
+        corpora.append(resolve_corpus(h, dataset_dir, tokenizer, cloze_size, seed, ctx["data_tokenizer"]))
 
     result: dict[str, Any] = {"run_dir": run_dir, "params": model.num_params(), "block_size": block_size}
     if val_tokens is None:

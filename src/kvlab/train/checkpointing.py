@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
-from kvlab.checkpoint import WEIGHTS_FILE, CheckpointError, is_disk_full, weights_state
-from kvlab.errors import KvlabError
+from kvlab.checkpoint import WEIGHTS_FILE, CheckpointError, weights_state, write_weights
+from kvlab.errors import KvlabError, is_disk_full
 
 RESUME_FILE = "resume.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -102,7 +101,7 @@ def commit_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: d
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(weights_state(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        write_weights(tmp / WEIGHTS_FILE, weights_state(model))
         torch.save(state, tmp / RESUME_FILE)
         (tmp / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
         if final.exists() and final.resolve() != previous:  # an uncommitted leftover of a killed run

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,47 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw  # bare strings: every:2, cpu, bfloat16
-        out[section][name] = value
+        out[section][name] = check_type(section, name, value, raw)
     return out
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    cls = {"train": TrainConfig, "model": ModelConfig}.get(section)
+    return typing.get_type_hints(cls) if cls is not None else {}  # attention: checked by its kind
+
+
+def _accepts(annotation: Any, value: Any) -> bool | None:
+    """True/False when the annotation is a plain scalar type (or Optional of one); None: not checked here."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return True
+        verdicts = [_accepts(a, value) for a in args if a is not type(None)]
+        return None if None in verdicts else any(verdicts)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return None
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_type(section: str, name: str, value: Any, raw: str) -> Any:
+    """A --set value of the wrong type names the field and the type it takes (strings are never bools)."""
+    annotation = _field_types(section).get(name)
+    if annotation is None or _accepts(annotation, value) is not False:
+        return value
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    expected = " or ".join(_TYPE_WORDS.get(a, getattr(a, "__name__", str(a))) for a in args)
+    if type(None) in typing.get_args(annotation):
+        expected += " or null"
+    raise ConfigError(f"--set {section}.{name}={raw}: {section}.{name} takes {expected}")
 
 
 def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path | None]:
@@ -78,6 +119,22 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, P
     return model_cfg, train_cfg, data
 
 
+def _check_vocab_override(model_sets: dict[str, Any], data: Path) -> None:
+    """An explicit model.vocab_size must fit the data (training otherwise sizes it from meta.json)."""
+    if "vocab_size" not in model_sets:
+        return
+    from kvlab.train.batches import read_meta
+
+    data_vocab = int(read_meta(data)["vocab_size"])
+    padded = -(-data_vocab // 64) * 64
+    if not data_vocab <= model_sets["vocab_size"] <= padded:
+        raise ConfigError(
+            f"--set model.vocab_size={model_sets['vocab_size']} does not fit the data: its tokenizer has "
+            f"{data_vocab} tokens (meta.json), so vocab_size is {padded} (padded to a multiple of 64); "
+            "drop the --set, or prepare the data with another tokenizer"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from kvlab.train.loop import train
 
@@ -90,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:
             raise KvlabError("no --data given and kvlab.data is unavailable; pass --data DATASET_DIR") from e
         data = prepare(args.corpus, args.tokenizer, verbose=args.progress)
+    _check_vocab_override(parse_sets(args.set or [])["model"], data)
     run_dir = train(
         model_cfg,
         train_cfg,

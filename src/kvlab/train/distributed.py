@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kvlab.inputs import check_device
+
 
 @dataclass
 class DistContext:
@@ -43,9 +45,7 @@ class DistContext:
 
 
 def resolve_device(device: str, ctx: DistContext) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device, "train.device")
     if dev.type == "cuda" and ctx.enabled:
         dev = torch.device("cuda", ctx.local_rank)
     elif dev.type == "cuda" and dev.index is None:  # plain "cuda": the current device, made explicit

@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kvlab.checkpoint import CONFIG_FILE, OutputError, output_problem, read_config
-from kvlab.errors import KvlabError
+from kvlab.checkpoint import CONFIG_FILE, read_config
+from kvlab.errors import KvlabError, OutputError, output_problem
 from kvlab.train import checkpointing as ckpt
 
 # Train fields that may differ on resume without changing what the run computes.
@@ -25,6 +25,8 @@ class RunExists(KvlabError):
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume and not ckpt.has_checkpoint(run_dir):
+        ckpt.load_resume_state(run_dir)  # raises: nothing to resume (and nothing is touched)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(run_dir)
