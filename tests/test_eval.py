@@ -132,8 +132,10 @@ def test_wikitext_metrics_equal_lm_eval_definitions(model):
     rng = np.random.default_rng(0)
     tok = ByteTokenizer()
     # 40-200 words -> 150-1000 byte tokens per document: several rolling windows of 32, a short tail
-    docs = [_text(rng, int(n)) for n in (40, 7, 120, 200)]
+    # a blank document, as WikiText has: lm-eval scores no tokens of it but counts one word
+    docs = [_text(rng, int(n)) for n in (40, 7, 120, 200)] + [""]
     got = document_perplexity(model, tok, docs, max_length=32, batch_size=5)
+    assert got["documents"] == 5
     lls = [reference_rolling_ll(model, tok.encode(d), 32, tok.eot_token) for d in docs]
     words = sum(len(re.split(r"\s+", d)) for d in docs)
     n_bytes = sum(len(d.encode()) for d in docs)
@@ -200,9 +202,9 @@ def test_val_loss_is_nanogpt_estimate(model):
     tokens = np.random.default_rng(3).integers(0, 257, 500)
     got = val_loss(model, tokens, 16, batch_size=3, eval_iters=4, generator=torch.Generator().manual_seed(7))
     g, data, losses = torch.Generator().manual_seed(7), torch.tensor(tokens), []
+    starts = torch.randint(len(data) - 16 - 1, (4 * 3,), generator=g).view(4, 3)  # drawn at once, as training
     with torch.no_grad():
-        for _ in range(4):
-            ix = torch.randint(len(data) - 16, (3,), generator=g)
+        for ix in starts:
             x = torch.stack([data[i : i + 16] for i in ix])
             y = torch.stack([data[i + 1 : i + 17] for i in ix])
             losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
@@ -382,3 +384,21 @@ def test_batched_scoring_equals_one_request_at_a_time(name):
     single = [loglikelihood_tokens(model, [r], max_length=64, batch_size=1)[0] for r in requests]
     for (a, ga), (b, gb) in zip(batched, single):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-5) and ga == gb
+
+
+def test_kvlab_eval_val_loss_is_the_training_val_loss(run_dir, tmp_path):
+    """One definition and one sampler: eval scores the batches training scored, so the numbers agree."""
+    from kvlab.eval import evaluate
+    from kvlab.train import train
+    from kvlab.train.checkpointing import read_metrics
+    from test_train import tiny_model, tiny_train
+
+    run = train(
+        tiny_model(vocab_size=300),
+        tiny_train(max_iters=4, eval_interval=4, eval_iters=3, batch_size=2),
+        run_dir.parent / "data",
+        tmp_path / "trained",
+        progress=False,
+    )
+    got = evaluate(run, speed=False, limit=4)
+    assert got["val_loss"] == read_metrics(run)[-1]["val_loss"]

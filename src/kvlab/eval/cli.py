@@ -86,6 +86,11 @@ def register(sub) -> None:
         "--limit", type=int, default=None, help="cap windows/documents/passages per corpus and task documents"
     )
     p.add_argument("--eval-iters", type=int, default=None, help="val batches (default: the run's eval_iters)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the val batches and the cloze set")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the val batches and the cloze set (default: the batches training scored; cloze 0)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=run)

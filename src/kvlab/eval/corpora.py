@@ -83,8 +83,7 @@ def named_corpus(name: str, tokenizer, cloze_size: int = CLOZE_SIZE, seed: int =
         documents = list(data.load_documents(name, split="heldout"))
     except KvlabError as e:
         raise CorpusError(f"--heldout {name}: {e}") from e
-    documents = [d for d in documents if d.strip()]
-    if not documents:
+    if not any(d.strip() for d in documents):  # blank ones are kept: lm-eval scores them too
         raise CorpusError(f"--heldout {name}: the corpus has no held-out documents")
     tokens = encode_documents(tokenizer, documents)
     if name == "lambada":  # EleutherAI/lambada_openai: every row is a passage; score it as LAMBADA

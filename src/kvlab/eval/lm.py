@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.errors import KvlabError
+from kvlab.train import batches
 
 
 class EvalError(KvlabError):
@@ -32,25 +33,13 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
 def val_loss(
     model, tokens, block_size: int, batch_size: int, eval_iters: int, generator: torch.Generator | None = None
 ) -> float:
-    """nanoGPT's estimate: mean cross-entropy over eval_iters random (batch_size, block_size) batches."""
-    data = _as_tensor(tokens)
-    if len(data) <= block_size:
-        raise EvalError(
-            f"the validation split has {len(data)} tokens; it needs more than block_size={block_size}"
-        )
-    device = _device(model)
-    losses = []
-    for _ in range(eval_iters):
-        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-        x = torch.stack([data[i : i + block_size] for i in ix]).to(device)  # (B, T)
-        y = torch.stack([data[i + 1 : i + 1 + block_size] for i in ix]).to(device)  # (B, T)
-        logits = model(x)  # (B, T, V)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
-    return float(sum(losses) / len(losses))
+    """nanoGPT's estimate, by the training loop's own definition (`kvlab.train.batches.val_loss`): with
+    the run's generator (seed train.seed + VAL_SEED_OFFSET) it reproduces training's val_loss exactly."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    return batches.val_loss(model, tokens, block_size, batch_size, eval_iters, generator)
 
 
 @torch.inference_mode()
@@ -224,10 +213,11 @@ def document_perplexity(
     """WikiText-style metrics of whole documents: rolling log-likelihood + word/byte perplexity.
 
     detokenize=True applies lm-eval's wikitext detokenizer to the scored text (word and byte counts
-    still come from the original document, as lm-eval counts them).
+    still come from the original document, as lm-eval counts them). Blank documents are kept, as
+    lm-eval keeps them: no tokens to score, but each counts one word (re.split of "" gives [""]).
     """
-    documents = [d for d in documents if d.strip()]
-    if not documents:
+    documents = list(documents)
+    if not any(d.strip() for d in documents):
         raise EvalError("no non-empty documents to score")
     prefix = getattr(tokenizer, "eot_token", None)
     if prefix is None:

@@ -21,6 +21,7 @@ from kvlab.eval.cloze import lambada_metrics
 from kvlab.eval.corpora import CLOZE_SIZE, DEFAULT_CORPUS, CorpusError, HeldoutCorpus, resolve_corpus
 from kvlab.eval.lm import EvalError, document_perplexity, heldout_loss, val_loss
 from kvlab.eval.speed import generation_speed, measure_cache_bytes, nocache_speed, peak_generation_memory
+from kvlab.train.batches import VAL_SEED_OFFSET
 
 HF_EVAL_CONTEXT = 1024  # context of held-out scoring for imported models (hf:DIR, fetched models)
 
@@ -62,6 +63,7 @@ def _run_context(run_dir: Path, device) -> dict[str, Any]:
         "block_size": train.get("block_size") or min(model.config.block_size, HF_EVAL_CONTEXT),
         "batch_size": train.get("batch_size", 8),
         "eval_iters": train.get("eval_iters", 200),
+        "val_seed": train.get("seed", 0) + VAL_SEED_OFFSET,  # the batches training scored
     }
 
 
@@ -113,7 +115,7 @@ def evaluate(
     nocache: bool = False,
     limit: int | None = None,
     cloze_size: int = CLOZE_SIZE,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | torch.device = "cpu",
     tasks: str | list[str] | None = None,
     task_limit: int | None = None,
@@ -125,6 +127,8 @@ def evaluate(
     tasks ("arc_easy,piqa" or NAME=PATH, see kvlab.eval.tasks), task_limit their documents. limit
     caps windows, documents and passages per corpus (quick looks); speed=False skips tokens/s and
     peak memory; nocache also times seed 000's cache-free generation. Metrics not computable are None.
+    seed: of the val batches and the cloze set; None = the val batches training scored (so val_loss
+    equals the run's last one on the same device) and cloze seed 0.
     """
     if isinstance(run_dir_or_model, (str, Path)):
         ctx = _run_context(Path(run_dir_or_model), device)
@@ -140,6 +144,7 @@ def evaluate(
             "block_size": model.config.block_size,
             "batch_size": 8,
             "eval_iters": 200,
+            "val_seed": 0,
         }
         run_dir = None
     model = ctx["model"].eval()
@@ -149,6 +154,8 @@ def evaluate(
     batch_size, eval_iters = batch_size or ctx["batch_size"], eval_iters or ctx["eval_iters"]
     heldout = list(heldout) if heldout else [DEFAULT_CORPUS]
 
+    val_seed = ctx["val_seed"] if seed is None else seed
+    seed = 0 if seed is None else seed
     corpora: list[HeldoutCorpus] = []
     for h in heldout:
         if isinstance(h, HeldoutCorpus):
@@ -163,7 +170,8 @@ def evaluate(
     result: dict[str, Any] = {"run_dir": run_dir, "params": model.num_params(), "block_size": block_size}
     if val_tokens is None:
         val_tokens = _val_tokens(dataset_dir)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(val_seed)
+    result["val_seed"] = val_seed
     result["val_loss"] = (
         val_loss(model, val_tokens, block_size, batch_size, eval_iters, generator)
         if val_tokens is not None

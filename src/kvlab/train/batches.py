@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kvlab.data import DataError, read_meta
 from kvlab.data import open_split as _open_split
 
-__all__ = ["DataError", "make_batch", "open_split", "rank_slices", "read_meta", "sample_offsets"]
+__all__ = ["DataError", "make_batch", "open_split", "rank_slices", "read_meta", "sample_offsets", "val_loss"]
+
+VAL_SEED_OFFSET = 1_000_003  # val batches come from their own generator: the same at every evaluation
 
 
 def open_split(data_dir: str | Path, split: str, meta: dict[str, Any], block_size: int) -> np.memmap:
@@ -79,3 +84,40 @@ def rank_slices(offsets: torch.Tensor, batch_size: int, rank: int, world: int) -
     """This rank's micro-batches of one global step: micro-batches rank, rank + world, ..."""
     micro = offsets.view(-1, batch_size)  # (grad_accum, batch_size)
     return [micro[i] for i in range(rank, micro.shape[0], world)]
+
+
+@torch.no_grad()
+def val_loss(
+    model: torch.nn.Module,
+    tokens,
+    block_size: int,
+    batch_size: int,
+    eval_iters: int,
+    generator: torch.Generator,
+    autocast: Callable = nullcontext,
+    rank: int = 0,
+    world: int = 1,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """nanoGPT's val loss, the one definition (training and `kvlab eval`): mean cross-entropy over
+    eval_iters batches of batch_size windows, their starts drawn at once by `sample_offsets(generator)`.
+    Under DDP each rank scores its share of the batches and all_reduce_sum adds the ranks' sums."""
+    tokens = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    if len(tokens) <= block_size + 1:
+        raise DataError(
+            f"the validation split has {len(tokens)} tokens; it needs more than block_size+1={block_size + 1}"
+        )
+    device = next(model.parameters()).device
+    offsets = sample_offsets(generator, eval_iters * batch_size, len(tokens), block_size)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for off in rank_slices(offsets, batch_size, rank, world):
+        x, y = make_batch(tokens, off, block_size, device)
+        with autocast():
+            logits = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).double()
+    model.train(was_training)
+    if all_reduce_sum is not None:
+        total = all_reduce_sum(total)
+    return (total / eval_iters).item()

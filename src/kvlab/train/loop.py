@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvlab.checkpoint import (
@@ -33,13 +32,21 @@ from kvlab.config import ModelConfig, TrainConfig
 from kvlab.errors import KvlabError
 from kvlab.model import GPT
 from kvlab.train import checkpointing as ckpt
-from kvlab.train.batches import DataError, make_batch, open_split, rank_slices, read_meta, sample_offsets
+from kvlab.train.batches import (
+    VAL_SEED_OFFSET,
+    DataError,
+    make_batch,
+    open_split,
+    rank_slices,
+    read_meta,
+    sample_offsets,
+    val_loss,
+)
 from kvlab.train.distributed import DistContext, init_distributed, resolve_device
 from kvlab.train.optim import GroupRule, Trainable, configure_optimizer, lr_at, select_trainable
 from kvlab.train.rundir import check_resume_config, diverging_warning, prepare_run_dir
 from kvlab.train.terms import Hook, LossTerm, default_terms, distillation_terms, total_loss
 
-VAL_SEED_OFFSET = 1_000_003  # val batches come from their own generator: the same at every evaluation
 HOOK_SEED_OFFSET = 1
 
 
@@ -79,21 +86,21 @@ def _autocast(device: torch.device, dtype: str):
     return (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)), dtype
 
 
-@torch.no_grad()
 def estimate_val_loss(model, tokens, cfg: TrainConfig, block_size, device, autocast, ctx: DistContext):
-    """Mean CE over eval_iters batches drawn from a fixed-seed generator; ranks split the batches."""
+    """The run's val loss: batches from a generator seeded train.seed + VAL_SEED_OFFSET (every time)."""
     gen = torch.Generator().manual_seed(cfg.seed + VAL_SEED_OFFSET)
-    offsets = sample_offsets(gen, cfg.eval_iters * cfg.batch_size, len(tokens), block_size)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for off in rank_slices(offsets, cfg.batch_size, ctx.rank, ctx.world):
-        x, y = make_batch(tokens, off, block_size, device)
-        with autocast():
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).double()
-    model.train(was_training)
-    return (ctx.all_reduce_sum(total) / cfg.eval_iters).item()
+    return val_loss(
+        model,
+        tokens,
+        block_size,
+        cfg.batch_size,
+        cfg.eval_iters,
+        gen,
+        autocast,
+        ctx.rank,
+        ctx.world,
+        ctx.all_reduce_sum,
+    )
 
 
 def _tensorboard(run_dir: Path, enabled: bool):
