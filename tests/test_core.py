@@ -263,3 +263,16 @@ def test_model_families_resolve_their_defaults():
     ):
         with pytest.raises(ConfigError, match=match):
             ModelConfig(**bad)
+
+
+def test_environment_records_a_commit_hash_or_none(monkeypatch):
+    """A repository without commits makes `git rev-parse HEAD` print the word HEAD: record None, not it."""
+    import subprocess
+
+    from kvlab.checkpoint import environment_info
+
+    head = environment_info()["git_commit"]
+    assert head is None or (len(head) == 40 and int(head, 16) >= 0)
+    fake = subprocess.CompletedProcess([], 128, stdout="HEAD\n", stderr="fatal: ambiguous argument 'HEAD'")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: fake)
+    assert environment_info()["git_commit"] is None

@@ -82,13 +82,17 @@ def test_measured_cache_bytes_equal_analytic(name, dtype, family):
 
 
 @pytest.mark.parametrize("name", IDS)
-def test_kv_bytes_per_token_consistent_with_cache_growth(name):
-    """For structures whose cache grows linearly, kv_bytes_per_token predicts the growth exactly."""
+def test_kv_bytes_per_token_equals_cache_growth(name):
+    """kv_bytes_per_token_total is exactly what a real cache grows by per token, for structures that cache
+    every token; a Context-KV layer keeps a bounded ring of context slots, so there it is an upper bound."""
     model = _model(name)
     m = model.kv_metrics(torch.float32)
-    grow = model.kv_cache_bytes(1, 64, torch.float32) - model.kv_cache_bytes(1, 32, torch.float32)
-    assert grow <= 32 * m["kv_bytes_per_token_total"] + 1e-9
-    assert m["kv_bytes_per_token_total"] == pytest.approx(m["kv_bytes_per_token"] * model.config.n_layer)
+    grow = model.new_cache(1, 64, torch.float32).nbytes() - model.new_cache(1, 32, torch.float32).nbytes()
+    bounded = any(model.config.attention.for_layer(i).kind == "context" for i in range(model.config.n_layer))
+    if bounded:
+        assert 0 <= grow <= 32 * m["kv_bytes_per_token_total"]
+    else:
+        assert grow == 32 * m["kv_bytes_per_token_total"] > 0
 
 
 @pytest.mark.parametrize("family", FAMS)

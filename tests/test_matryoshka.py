@@ -333,3 +333,15 @@ def test_bf16_autocast_cache_decodes_like_the_full_forward():
     torch.testing.assert_close(
         torch.cat(steps, dim=1).float(), full, rtol=0, atol=0.05 * full.abs().max().item()
     )
+
+
+def test_save_model_writes_the_live_ranks(tmp_path):
+    """save_model after set_ranks (no ranks_config by hand): the reloaded model has those ranks and logits."""
+    model = _random_model(AttentionConfig(kind="matryoshka")).eval()
+    set_ranks(model, k=2, v=3)
+    save_model(tmp_path, model)
+    loaded = load_model(tmp_path)
+    assert get_ranks(loaded) == get_ranks(model)
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)

@@ -145,6 +145,7 @@ def test_distillation_terms_weight_kl_and_ce():
     torch.testing.assert_close(loss, 0.25 * kl + 0.75 * ce)
     self_loss, self_logged = total_loss(distillation_terms(student), student, idx, targets, logits)
     assert self_logged["kl"].abs().item() < 1e-6  # KL of a model to itself is zero
+    torch.testing.assert_close(self_loss, 0.75 * ce, rtol=0, atol=1e-6)  # ... so only the CE part is left
 
 
 # ---- the loop ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import secrets
 import subprocess
 from pathlib import Path
@@ -62,16 +63,16 @@ def write_json(path: str | Path, obj: Any) -> None:
 def environment_info() -> dict[str, Any]:
     """Git commit, library versions and hardware, recorded next to every run's outputs."""
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                cwd=Path(__file__).resolve().parent,
-            ).stdout.strip()
-            or None
+        # --verify: in a repository without commits plain `rev-parse HEAD` prints the word "HEAD"
+        proc = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
         )
+        commit = proc.stdout.strip()
+        commit = commit if proc.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
     except (OSError, subprocess.SubprocessError):
         commit = None
     from kvlab import __version__
