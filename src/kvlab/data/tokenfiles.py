@@ -181,13 +181,13 @@ def open_split(dataset_dir: str | Path, split: str, min_tokens: int = 1) -> np.m
             "it is truncated or damaged; rerun `kvlab data prepare --force`"
         )
     n = size // itemsize
+    check_split_length(n, min_tokens, split, path)
     recorded = meta.get("splits", {}).get(split, {}).get("tokens")
     if recorded is not None and n != recorded:
         raise DataError(
             f"{path} holds {n:,} tokens but meta.json records {recorded:,}: it is truncated or from another "
             "preparation; rerun `kvlab data prepare --force`"
         )
-    check_split_length(n, min_tokens, split, path)
     return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
