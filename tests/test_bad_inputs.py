@@ -62,6 +62,10 @@ def world(tmp_path_factory):
     with open(odd / "train.bin", "ab") as f:
         f.write(b"\x01")  # 12001 bytes of uint16
     (root / "afile").write_text("not a directory\n")
+    (root / "noise.txt").write_bytes(bytes(range(256)) * 8)  # a binary file named like text
+    hello = root / "hello"
+    hello.mkdir()
+    (hello / "config.json").write_text(json.dumps({"model": "hello"}))
     return root
 
 
@@ -100,6 +104,8 @@ CASES = [
         "whole number",
     ),
     (["data", "prepare", "--root", "{root}/afile"], "afile"),
+    (["data", "prepare", "--corpus", "{root}/noise.txt", "--root", "{root}/dr"], "binary file"),
+    (["eval", "{root}/hello"], "must be an object of model fields"),
     # eval
     (["eval", "{root}/run", "--limit", "0"], "--limit"),
     (["eval", "{root}/run", "--limit", "-1"], "--limit"),

@@ -157,6 +157,10 @@ def test_user_suite_from_file(tmp_path):
         (lambda t: t.replace("max_iters = 3", "max_iters = -3"), "train.max_iters=-3"),
         (lambda t: t.replace("max_iters = 3", "max_iter = 3"), "unknown train field"),
         (lambda t: t.replace('heldout = "sotu"', "heldout = 3"), "regimes.eval-other.heldout=3"),
+        (
+            lambda t: t.replace('heldout = "sotu"', 'heldout = "wikitxt-2"'),
+            "heldout='wikitxt-2' is not a corpus",
+        ),
         (lambda t: t.replace("block_size = 16", "blok_size = 16"), "regimes.short.model.blok_size"),
         (lambda t: t.split("[methods]")[0] + "[regimes.a]\n", "no [methods]"),
         (lambda t: t.split("[regimes.train]")[0], "no [regimes]"),

@@ -173,6 +173,12 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
 
         return from_hf(run_dir).to(device)
     config = read_config(run_dir)
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        got = config.get("model") if isinstance(config, dict) else config
+        raise CheckpointError(
+            f'{run_dir / CONFIG_FILE}: "model" must be an object of model fields, got {str(got)[:40]!r}; '
+            "the run directory is damaged: restore config.json or retrain"
+        )
     try:
         model_cfg = ModelConfig.from_dict(config["model"])
     except (KeyError, TypeError, ConfigError) as e:

@@ -213,6 +213,8 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
                 f"regimes.{rname}.heldout={heldout!r} must be a corpus name or a list of them "
                 '(heldout = ["wikitext-2", "lambada"])'
             )
+        for name in (heldout,) if isinstance(heldout, str) else heldout:
+            _check_heldout(name, f"regimes.{rname}.heldout", fail)
         regimes.append(
             Regime(
                 name=rname,
@@ -244,6 +246,18 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
         for regime in suite.regimes:
             suite.model_config(mname, regime)
     return suite
+
+
+def _check_heldout(name: str, where: str, fail) -> None:
+    """Caught here (and so by --dry-run), not hours later when the first evaluation loads it."""
+    from kvlab.data.corpora import CORPORA
+
+    if name == "heldout" or name in CORPORA or Path(name).expanduser().exists():
+        return
+    raise fail(
+        f'{where}={name!r} is not a corpus: use "heldout" (the training corpus\'s held-out split), '
+        f"one of {', '.join(CORPORA)}, or an existing path"
+    )
 
 
 def _reject_unknown(d: dict, known: set[str], where: str, fail) -> None:

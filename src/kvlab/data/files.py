@@ -76,6 +76,17 @@ def _read_text_column(path: Path) -> list[str]:
     return table.column("text").to_pylist()
 
 
+def _read_text_file(path: Path) -> str:
+    """UTF-8 text (a stray bad byte is replaced); a binary file is refused instead of read as one document."""
+    data = path.read_bytes()
+    if b"\0" in data[:65536]:
+        raise DataError(
+            f"{path} is a binary file, not text; pass a UTF-8 .txt file, a folder of them, or a "
+            ".parquet/.arrow/.jsonl table with a text column"
+        )
+    return data.decode("utf-8", errors="replace")
+
+
 def load_local(path: Path) -> list[Document] | dict[str, list[Document]]:
     """Documents of a local file or folder; split-named tabular files (train-*, test-*) give their splits."""
     if path.is_file():
@@ -83,7 +94,7 @@ def load_local(path: Path) -> list[Document] | dict[str, list[Document]]:
             docs = rows_to_documents(_read_text_column(path), path.stem)
             split = _split_of(path)
             return docs if split == "all" else {split: docs}
-        return [Document(path.stem, clean_text(path.read_text(encoding="utf-8", errors="replace")))]
+        return [Document(path.stem, clean_text(_read_text_file(path)))]
     tables = sorted(p for p in path.rglob("*") if p.suffix in TABULAR and p.is_file())
     if tables:
         splits: dict[str, list[Document]] = {}
@@ -99,7 +110,7 @@ def load_local(path: Path) -> list[Document] | dict[str, list[Document]]:
     return [
         Document(
             str(p.relative_to(path).with_suffix("")),
-            clean_text(p.read_text(encoding="utf-8", errors="replace")),
+            clean_text(_read_text_file(p)),
         )
         for p in texts
     ]
