@@ -97,6 +97,7 @@ CASES = [
     (["train", "--out", "{root}/run", "--resume", "--no-progress", "--set", "train.lr=0.5"], "train.lr"),
     (["train", "--out", "{root}/run", "--resume", "--no-progress", "--set", "model.n_layer=3"], "n_layer"),
     (["train", "--out", "{root}/nockpt", "--resume", "--no-progress"], "nothing to resume"),
+    (["train", "--out", "{root}/run", "--resume", "--no-progress", "--data", "{root}/other"], "data.dir"),
     # train: token files that do not match meta.json
     (["train", "--out", "{root}/new", "--data", "{root}/short", "--no-progress", "--set", *TINY], "records"),
     (

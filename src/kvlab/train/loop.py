@@ -263,7 +263,9 @@ def _train(
         prepare_run_dir(run_dir, resume, overwrite)
     if resume:
         state = ckpt.load_resume_state(run_dir)
-        changed = check_resume_config(run_dir, live_model_config(model), cfg.to_dict(), allow_changes)
+        changed = check_resume_config(
+            run_dir, live_model_config(model), cfg.to_dict(), allow_changes, extra["data"]
+        )
         if changed and ctx.is_main:
             write_json(run_dir / CONFIG_FILE, {**run_config(model, extra), "resumed_with_changes": changed})
         try:

@@ -53,8 +53,15 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any], section: str)
     ]
 
 
+DATA_KEYS = ("dir", "tokenizer", "vocab_size")  # what the resumed run reads must be what it was trained on
+
+
 def check_resume_config(
-    run_dir: Path, model_dict: dict[str, Any], train_dict: dict[str, Any], allow_changes: bool
+    run_dir: Path,
+    model_dict: dict[str, Any],
+    train_dict: dict[str, Any],
+    allow_changes: bool,
+    data_dict: dict[str, Any] | None = None,
 ) -> list[str]:
     """The fields that differ from the run's config.json; an error unless allow_changes (model: always)."""
     saved = read_config(run_dir)
@@ -65,10 +72,13 @@ def check_resume_config(
             "the checkpoint's weights only fit its own model: drop those settings or train a new --out"
         )
     train_diff = config_differences(saved.get("train", {}), train_dict, "train")
+    if data_dict is not None:
+        old = {k: v for k, v in (saved.get("data") or {}).items() if k in DATA_KEYS}
+        train_diff += config_differences(old, {k: v for k, v in data_dict.items() if k in DATA_KEYS}, "data")
     if train_diff and not allow_changes:
         raise KvlabError(
             f"--resume: {', '.join(train_diff)} differ from {run_dir / CONFIG_FILE}; a resumed run keeps "
-            "its config: drop the --set, or pass --allow-config-change to continue with it (recorded)"
+            "its config: drop the --set/--data, or pass --allow-config-change to continue (recorded)"
         )
     return train_diff
 
