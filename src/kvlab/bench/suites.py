@@ -213,8 +213,8 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
                 f"regimes.{rname}.heldout={heldout!r} must be a corpus name or a list of them "
                 '(heldout = ["wikitext-2", "lambada"])'
             )
-        for name in (heldout,) if isinstance(heldout, str) else heldout:
-            _check_heldout(name, f"regimes.{rname}.heldout", fail)
+        for corpus in (heldout,) if isinstance(heldout, str) else heldout:
+            _check_heldout(corpus, f"regimes.{rname}.heldout", fail)
         regimes.append(
             Regime(
                 name=rname,
