@@ -221,3 +221,17 @@ def test_run_files_follow_the_umask(world, tmp_path):
     run = tmp_path / "u"
     for name in ("config.json", "metrics.jsonl", "model.safetensors", "resume.pt"):
         assert (run / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_divergence_warning_above_twice_chance(world, tmp_path, monkeypatch, capsys):
+    """A loss climbing far above chance (ln V) without NaN is named once on stderr; the run still ends."""
+    import kvlab.train.loop as loop
+
+    real = loop.estimate_val_loss
+    monkeypatch.setattr(loop, "estimate_val_loss", lambda *a: 1e6 if real(*a) else 0.0)  # a diverging run
+    assert main(_train_argv(tmp_path / "div", world / "data", "train.max_iters=4")) == 0
+    err = capsys.readouterr().err
+    assert err.count("kvlab: warning: val_loss 1e+06 at step 2") == 1 and "diverging" in err, err
+    monkeypatch.undo()
+    assert main(_train_argv(tmp_path / "ok", world / "data")) == 0
+    assert "warning" not in capsys.readouterr().err

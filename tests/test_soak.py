@@ -81,13 +81,18 @@ pid = start(p["ref"], False, p["log"])
 startup = first_checkpoint_s(p["ref"], pid)
 assert wait(pid) == 0, open(p["log"]).read()
 horizon = time.perf_counter() - t0
+interval = (horizon - startup) / 30  # seconds per checkpoint (60 steps, one every 2)
+link = os.path.join(p["run"], "checkpoint")
 rounds, kills, resume = [], 0, False
 while kills < p["kills"]:
     had = ckpt.has_checkpoint(Path(p["run"]))
     pid = start(p["run"], resume, p["log"])
     aimed = len(rounds) % 2 == 1  # every other kill waits for a checkpoint write to begin
-    # random: from inside start-up (nothing committed yet) to a quarter of the training time
-    deadline = time.perf_counter() + rng.uniform(0.5 * startup, startup + (horizon - startup) * p["fraction"])
+    # random: after 0-3 new commits (counted, so progress does not depend on how busy the machine is),
+    # then a random fraction of one checkpoint interval; 0 commits: anywhere in start-up
+    commits, seen = rng.randint(0, 3), os.readlink(link) if os.path.islink(link) else None
+    delay = rng.uniform(0, 1.2 * startup) if commits == 0 else rng.uniform(0, interval)
+    deadline = time.perf_counter() + delay
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -97,7 +102,11 @@ while kills < p["kills"]:
             time.sleep(rng.uniform(0, 0.02))  # within the write, its renames, or just after
             os.kill(pid, signal.SIGKILL)
             break
-        if not aimed and time.perf_counter() >= deadline:
+        now_target = os.readlink(link) if os.path.islink(link) else None
+        if now_target != seen:
+            seen, commits = now_target, commits - 1
+            deadline = time.perf_counter() + rng.uniform(0, interval)
+        if not aimed and commits <= 0 and time.perf_counter() >= deadline:
             os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.0005)
@@ -138,7 +147,6 @@ def test_sigkill_soak_resumes_bit_identically(tmp_path):
     params = {
         "seed": 12,
         "kills": 22,
-        "fraction": 0.25,
         "ref": str(tmp_path / "ref"),
         "run": str(tmp_path / "run"),
         "log": str(tmp_path / "stderr.txt"),
