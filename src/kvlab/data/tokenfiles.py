@@ -23,6 +23,31 @@ from kvlab.errors import OutputError, output_problem
 ENCODE_BATCH = 64  # documents per encode_batch call: big enough to use every core, small enough for tqdm
 
 
+def _max_id_memo(path: Path) -> Path:
+    return path.with_name(f".{path.name}.maxid.json")
+
+
+def write_max_id_memo(path: Path, tokens: np.ndarray) -> None:
+    """Record the largest token id of a token file next to it, keyed by the file's size and mtime, so a
+    training start does not rescan the file (on every start and every rank). Written by `prepare`."""
+    st = path.stat()
+    top = int(tokens.max()) if tokens.size else 0
+    _max_id_memo(path).write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "max": top}))
+
+
+def max_token_id(path: Path, tokens: np.ndarray) -> int:
+    """The largest token id in `path`: from its memo when the file is unchanged, else a scan. Never
+    writes (a training run, contained or on a read-only dataset, leaves the dataset as it found it)."""
+    st = path.stat()
+    try:
+        held = json.loads(_max_id_memo(path).read_text())
+        if (held.get("size"), held.get("mtime_ns")) == (st.st_size, st.st_mtime_ns):
+            return int(held["max"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return int(tokens.max()) if tokens.size else 0
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits in 16 bits (nanoGPT's GPT-2 files), else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
@@ -126,6 +151,7 @@ def prepare(
         for split in SPLITS:
             texts = [d.text for d in docs.splits[split]]
             tokens = _write_split(tmp / f"{split}.bin", tok, texts, dtype, bar)
+            write_max_id_memo(tmp / f"{split}.bin", tokens)
             splits_meta[split] = {"tokens": int(tokens.size), "documents": len(texts)}
             if split == "train":
                 entropy = unigram_entropy(tokens, tok.vocab_size)

@@ -8,8 +8,6 @@ step sees does not depend on the number of processes, and resume only needs the 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch.nn.functional as F
 
 from kvlab.data import DataError, read_meta
 from kvlab.data import open_split as _open_split
+from kvlab.data.tokenfiles import max_token_id
 
 __all__ = ["DataError", "make_batch", "open_split", "rank_slices", "read_meta", "sample_offsets", "val_loss"]
 
@@ -30,7 +29,7 @@ VAL_SEED_OFFSET = 1_000_003  # val batches come from their own generator: the sa
 def open_split(data_dir: str | Path, split: str, meta: dict[str, Any], block_size: int) -> np.memmap:
     """Memory-map `<split>.bin` and check it holds more than one block of in-vocabulary tokens."""
     tokens = _open_split(data_dir, split, min_tokens=block_size + 2)
-    top = max_token_id(Path(data_dir) / f"{split}.bin", tokens)
+    top = max_token_id(Path(data_dir) / f"{split}.bin", tokens)  # memo written by `kvlab data prepare`
     if top >= meta["vocab_size"]:
         raise DataError(
             f"{Path(data_dir) / f'{split}.bin'} holds token id {top} but meta.json says "
@@ -38,31 +37,6 @@ def open_split(data_dir: str | Path, split: str, meta: dict[str, Any], block_siz
             "re-run `kvlab data prepare --force`"
         )
     return tokens
-
-
-def max_token_id(path: Path, tokens: np.ndarray) -> int:
-    """The largest token id in `path`, scanned once per file version, not on every start and every rank.
-
-    The result is memoised next to the file (`.<name>.maxid.json`, keyed by size and mtime, written
-    atomically); a read-only dataset directory just means scanning each time.
-    """
-    st = path.stat()
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    memo = path.with_name(f".{path.name}.maxid.json")
-    try:
-        held = json.loads(memo.read_text())
-        if {k: held.get(k) for k in key} == key:
-            return int(held["max"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    top = int(tokens.max())
-    try:
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**key, "max": top}))
-        os.replace(tmp, memo)
-    except OSError:
-        pass
-    return top
 
 
 def sample_offsets(gen: torch.Generator, n: int, n_tokens: int, block_size: int) -> torch.Tensor:
