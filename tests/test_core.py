@@ -276,3 +276,19 @@ def test_environment_records_a_commit_hash_or_none(monkeypatch):
     fake = subprocess.CompletedProcess([], 128, stdout="HEAD\n", stderr="fatal: ambiguous argument 'HEAD'")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: fake)
     assert environment_info()["git_commit"] is None
+
+
+def test_a_cache_of_another_structure_is_one_line():
+    gqa, mqa = (
+        GPT(ModelConfig.preset("cpu-tiny", attention="gqa")),
+        GPT(ModelConfig.preset("cpu-tiny", attention="mqa")),
+    )
+    cache = mqa.new_cache(batch_size=1, max_len=8)
+    with pytest.raises(CacheError, match="another shape or attention structure"):
+        gqa(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+    assert cache.pos == 0
+    mqa(torch.zeros(1, 4, dtype=torch.long), cache=cache)  # its own model uses it
+    assert cache.pos == 4
+    meta_cache = mqa.new_cache(batch_size=1, max_len=8, device="meta")
+    with pytest.raises(CacheError, match="the cache lives on meta but the input is on cpu"):
+        mqa(torch.zeros(1, 4, dtype=torch.long), cache=meta_cache)

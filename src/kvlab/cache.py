@@ -14,12 +14,36 @@ class CacheError(KvlabError):
 
 
 class KVCache:
-    def __init__(self, states: list, owners: list[int], batch_size: int, max_len: int):
+    def __init__(
+        self,
+        states: list,
+        owners: list[int],
+        batch_size: int,
+        max_len: int,
+        structure: str | None = None,
+        device=None,
+    ):
         self.states = states  # states[i] is layer i's state, or None where layer i borrows
         self.owners = owners  # owners[i]: the layer whose state layer i reads
         self.batch_size = batch_size
         self.max_len = max_len
         self.pos = 0  # tokens written so far; the next call's first token sits here
+        self.structure = structure  # the model shape + attention config the states were built for
+        self.device = device
+
+    def check_model(self, structure: str, device) -> None:
+        """Refuse a cache built by a model of another structure, or on another device."""
+        if self.structure is not None and structure != self.structure:
+            raise CacheError(
+                "this cache was built for a model with another shape or attention structure; "
+                "create it with this model's new_cache(...)"
+            )
+        d = self.device
+        if d is not None and (d.type != device.type or (None not in (d.index, device.index) and d != device)):
+            raise CacheError(
+                f"the cache lives on {self.device} but the input is on {device}; create the cache with "
+                "new_cache(device=...) on the input's device, or move the input"
+            )
 
     def state_for(self, layer: int):
         """The state layer `layer` reads (its owner's)."""

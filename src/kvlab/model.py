@@ -8,6 +8,7 @@ owner map says which layer's KV each layer reads, and the cache is built from th
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 
 import torch
@@ -125,6 +126,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         pos = 0
         if cache is not None:
+            cache.check_model(self._structure_key(), idx.device)
             cache.check_append(B, T)
             pos = cache.pos
         if self.wpe is not None and pos + T > self.config.block_size:
@@ -177,7 +179,18 @@ class GPT(nn.Module):
             b.attn.new_state(batch_size, max_len, device, dtype) if self.owners[i] == i else None
             for i, b in enumerate(self.blocks)
         ]
-        return KVCache(states, self.owners, batch_size, max_len)
+        return KVCache(states, self.owners, batch_size, max_len, self._structure_key(), device)
+
+    def _structure_key(self) -> str:
+        """What a cache's layout depends on: the model's shape and attention config (JSON), computed once
+        per config object (a decode step should not serialise the config)."""
+        c = self.config
+        held = self.__dict__.get("_structure_cache")
+        if held is None or held[0] is not c:
+            shape = (c.n_layer, c.n_head, c.n_embd, c.family)
+            held = (c, f"{shape}{json.dumps(c.attention.to_dict(), sort_keys=True)}")
+            self.__dict__["_structure_cache"] = held
+        return held[1]
 
     def kv_cache_bytes(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> int:
         """Analytic bytes of new_cache(batch_size, max_len, dtype); equals cache.nbytes() exactly."""
