@@ -358,6 +358,23 @@ def sample_ranks_(
     return get_ranks(model)
 
 
+class RankSampler:
+    """Seed 003's training hook: before every step draw every rank at random (`sample_ranks_`), and before
+    every evaluation and checkpoint (`before_eval`, called by the training loop) put the target ranks
+    back, so val loss is scored and weights are saved at the ranks the model is used at, not the last draw.
+    """
+
+    def __init__(self, target: dict[str, list], choices: Sequence[int] | None = None):
+        self.target = {"k": [list(r) for r in target["k"]], "v": [list(r) for r in target["v"]]}
+        self.choices = choices
+
+    def __call__(self, model: nn.Module, generator: torch.Generator | None = None) -> None:
+        sample_ranks_(model, generator, self.choices)
+
+    def before_eval(self, model: nn.Module) -> None:
+        set_ranks(model, k=self.target["k"], v=self.target["v"])
+
+
 def ranks_config(model: nn.Module) -> AttentionConfig:
     """The model's attention config with the current ranks written as per-layer overrides, so a saved
     checkpoint (e.g. after a rank search) rebuilds with exactly these ranks."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.attention.context import context_layers
-from kvlab.attention.matryoshka import get_ranks, matryoshka_layers, sample_ranks_, set_ranks
+from kvlab.attention.matryoshka import RankSampler, get_ranks, matryoshka_layers
 from kvlab.checkpoint import load_model, read_config, write_json
 from kvlab.config import ConfigError, TrainConfig
 from kvlab.errors import KvlabError
@@ -119,7 +119,8 @@ def _train_recipe(model, teacher, recipe, cfg, data_dir, out, resume, phase1_ite
     if recipe == "ce":
         train(None, cfg, data_dir, out, init_from=start, loss_terms=default_terms(), **kw)
     elif recipe == "distill":
-        hooks = [sample_ranks_] if matryoshka_layers(model) else []
+        # random ranks each step; scored and saved at the converted model's (target) ranks
+        hooks = [RankSampler(get_ranks(model))] if matryoshka_layers(model) else []
         rule = _matryoshka_rule if matryoshka_layers(model) else None
         terms = distillation_terms(teacher)
         train(None, cfg, data_dir, out, init_from=start, loss_terms=terms, hooks=hooks, group_rule=rule, **kw)
@@ -177,8 +178,6 @@ def uptrain(
     if teacher is not None:
         check_teacher(teacher, model)
     teacher = teacher or source
-    ranks = get_ranks(model) if matryoshka_layers(model) else None
-
     runs = {"reduced": (model, out, recipe)}
     if control:
         runs["control"] = (source, out / "control", "ce" if recipe == "oacd" else recipe)
@@ -188,9 +187,7 @@ def uptrain(
         if not math.isfinite(step0):
             raise UptrainError(f"the {name} model's step-0 loss is {step0}; the conversion is broken")
         _train_recipe(m, teacher, r, cfg, data_dir, run_dir, resume, phase1_iters, progress)
-        final_model = load_model(run_dir)
-        if ranks is not None and name == "reduced":  # training sampled ranks; evaluate at the target ones
-            set_ranks(final_model, k=ranks["k"], v=ranks["v"])
+        final_model = load_model(run_dir)  # saved at the target ranks (RankSampler.before_eval)
         summary[name] = {
             "run_dir": str(run_dir),
             "kv_bytes_per_token": m.kv_metrics()["kv_bytes_per_token"],

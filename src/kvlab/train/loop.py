@@ -350,6 +350,10 @@ def _train(
 
         # ---- evaluate + checkpoint ----
         window_train_s = time.perf_counter() - window_t0
+        for hook in hooks:  # e.g. Matryoshka: score and save at the target ranks, not the last sampled
+            before_eval = getattr(hook, "before_eval", None)
+            if before_eval is not None:
+                before_eval(raw_model)
         val = estimate_val_loss(raw_model, val_tokens, cfg, T, device, autocast, ctx)
         if not math.isfinite(val):
             raise TrainingDiverged(_diverged_message("val loss", val, step, run_dir, last_val, cfg))

@@ -16,6 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TermFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+# Run before every training step as hook(model, generator). A hook may also define `before_eval(model)`,
+# called before each evaluation and checkpoint: a hook that perturbs the model for training (Matryoshka's
+# random ranks) puts the model back into the state that is scored and saved there.
 Hook = Callable[[nn.Module, torch.Generator], None]
 
 
