@@ -55,6 +55,54 @@ def _relative_error(model: nn.Module, batches: list[torch.Tensor], refs: list[to
     return math.sqrt(num / max(den, 1e-30))
 
 
+class _Suffix:
+    """The input of every block for each calibration batch at the current ranks, so that the error of a
+    cut in layer j reruns only blocks j.. and ln_f (about half the model on average) instead of all of it.
+
+    Valid because a cut in layer j changes nothing before it, and Matryoshka layers never lend KV (each
+    block reads only its input); a model with borrowing layers falls back to full forwards.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[torch.Tensor]):
+        self.model, self.batches = model, batches
+        blocks = getattr(model, "blocks", None)
+        owners = getattr(model, "owners", None)
+        self.enabled = blocks is not None and owners is not None and owners == list(range(len(blocks)))
+        self.inputs: list[list[torch.Tensor]] = []
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Record every block's input for the current ranks (after a round lowered some of them)."""
+        if not self.enabled:
+            return
+        self.inputs = []
+        for idx in self.batches:
+            seen: list[torch.Tensor] = []
+            hooks = [b.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0]), with_kwargs=True)
+                     for b in self.model.blocks]  # fmt: skip
+            try:
+                final_hidden(self.model, idx)
+            finally:
+                for h in hooks:
+                    h.remove()
+            self.inputs.append(seen)
+
+    @torch.no_grad()
+    def error(self, layer: int, refs: list[torch.Tensor]) -> float:
+        """_relative_error with only blocks[layer:] rerun (layer: an index into model.blocks)."""
+        if not self.enabled:
+            return _relative_error(self.model, self.batches, refs)
+        num = den = 0.0
+        for inputs, ref in zip(self.inputs, refs):
+            x = inputs[layer]
+            for block in self.model.blocks[layer:]:
+                x, _ = block(x, 0)
+            num += (self.model.ln_f(x).float() - ref).pow(2).sum().item()
+            den += ref.pow(2).sum().item()
+        return math.sqrt(num / max(den, 1e-30))
+
+
 def _bytes(model: nn.Module) -> float:
     return model.kv_metrics()["kv_bytes_per_token"]
 
@@ -127,6 +175,7 @@ def greedy_rank_search(
 
     history: list[dict] = []
     try:
+        suffix = _Suffix(model, batches)
         while _bytes(model) > target + 1e-9:
             scored = []
             for j, (i, attn) in enumerate(layers):
@@ -139,7 +188,7 @@ def greedy_rank_search(
                             continue
                         ranks[h] = new
                         try:
-                            err = _relative_error(model, batches, refs)
+                            err = suffix.error(i, refs)
                         finally:
                             ranks[h] = old
                         # Ties keep (layer, head, K before V) order: sorted() is stable, so runs repeat.
@@ -154,6 +203,7 @@ def greedy_rank_search(
                 lowered.append({"layer": i, "head": h, "kv": which, "rank": new, "error": err})
                 if _bytes(model) <= target + 1e-9:
                     break
+            suffix.refresh()
             entry = {
                 "round": len(history) + 1,
                 "candidates": len(scored),
