@@ -77,16 +77,16 @@ class _Suffix:
         if not self.enabled:
             return
         self.inputs = []
-        for idx in self.batches:
-            seen: list[torch.Tensor] = []
-            hooks = [b.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0]), with_kwargs=True)
-                     for b in self.model.blocks]  # fmt: skip
-            try:
+        seen: list[torch.Tensor] = []
+        hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for b in self.model.blocks]
+        try:
+            for idx in self.batches:
+                seen.clear()
                 final_hidden(self.model, idx)
-            finally:
-                for h in hooks:
-                    h.remove()
-            self.inputs.append(seen)
+                self.inputs.append(list(seen))
+        finally:
+            for h in hooks:
+                h.remove()
 
     @torch.no_grad()
     def error(self, layer: int, refs: list[torch.Tensor]) -> float:

@@ -75,9 +75,14 @@ class Cell:
 
 
 def make_cell(suite: Suite, method: str, regime, seed: int) -> Cell:
-    model = suite.model_config(method, regime).to_dict()
+    model = suite.cell_model(method, regime)
+    base: dict[str, Any] = {}
+    if suite.pretrained is not None:  # uptraining starts from the recipe's settings (kvlab uptrain's)
+        from kvlab.retrofit.uptrain import RECIPE_DEFAULTS
+
+        base = RECIPE_DEFAULTS[suite.methods[method].recipe]
     try:
-        train = resolve_train({**suite.train, **regime.train, "seed": seed}, suite.model_preset)
+        train = resolve_train({**base, **suite.train, **regime.train, "seed": seed}, suite.model_preset)
     except SuiteError as e:
         raise SuiteError(f"{suite.source}: regime {regime.name!r}: {e}") from e
     data = dict(suite.data)
@@ -114,6 +119,8 @@ def tokens_per_run(cell: Cell) -> int:
 
 def method_kv_table(suite: Suite) -> list[dict[str, Any]]:
     """Analytic KV metrics per method (first regime's model), built on the meta device: no memory."""
+    if suite.pretrained is not None:
+        return retrofit_kv_table(suite)
     rows = []
     for method in suite.methods:
         cfg = suite.model_config(method, suite.regimes[0])
@@ -127,6 +134,42 @@ def method_kv_table(suite: Suite) -> list[dict[str, Any]]:
                 **model.kv_metrics(),
             }
         )
+    return rows
+
+
+def retrofit_kv_table(suite: Suite) -> list[dict[str, Any]]:
+    """KV metrics per method of a [source] suite, from its real converters applied to a stand-in: a random
+    model with the source's attention shape (layers, heads, KV heads, head_dim, positions) but a tiny
+    vocabulary and MLP, which KV bytes do not depend on. Nothing is fetched or loaded; a rank search
+    (`search:B`) is not run: its row shows the bytes of the budget it searches to (at or just under)."""
+    import dataclasses
+
+    from kvlab.retrofit.source import source_config
+    from kvlab.retrofit.structures import convert, parse_structure
+
+    try:
+        cfg = source_config(suite.pretrained["from"])
+    except Exception as e:
+        raise SuiteError(f"{suite.source}: source.from={suite.pretrained['from']!r}: {e}") from e
+    block = int(suite.model["block_size"])
+    proxy_cfg = dataclasses.replace(cfg, vocab_size=64, intermediate_size=16, block_size=block)
+    torch.manual_seed(0)
+    proxy = GPT(proxy_cfg).eval()
+    calib = [torch.randint(0, 64, (2, min(block, 32)))]
+    rows = []
+    for method, retro in suite.methods.items():
+        steps = parse_structure(retro.to)
+        budget = next((float(a[0]) for n, a in steps if n == "search" and a), None)
+        convertible = "+".join(p for p in retro.to.split("+") if p.strip().partition(":")[0] != "search")
+        try:
+            model = convert(proxy, convertible or "none", calib)
+        except Exception as e:
+            raise SuiteError(f"{suite.source}: methods.{method}: {e}") from e
+        kv = model.kv_metrics()
+        if budget is not None:  # searched to at most budget x the full-rank bytes (mean rank likewise)
+            for key in ("kv_bytes_per_token", "kv_bytes_per_token_total", "latent_rank_ratio"):
+                kv[key] *= budget
+        rows.append({"method": method, "kind": retro.to, "recipe": retro.recipe, **kv})
     return rows
 
 
@@ -150,7 +193,12 @@ def format_plan(suite: Suite, cells: list[Cell], out_dir: str | Path | None = No
         f"  {n_m} methods x {n_r} regimes x {n_s} seeds ({', '.join(map(str, suite.seeds))}) "
         f"= {len(cells)} cells; "
         f"{len(runs)} training runs, {_fmt_tokens(total_tokens)} training tokens in all",
-        f"  model {suite.model_preset} {suite.model or ''}".rstrip(),
+        (
+            f"  source {suite.pretrained['from']} (calibration: {suite.pretrained['calibration']} batches), "
+            f"model {suite.model}"
+            if suite.pretrained is not None
+            else f"  model {suite.model_preset} {suite.model or ''}".rstrip()
+        ),  # fmt: skip
         f"  data {suite.data}",
         "",
         "regimes (per method and seed):",
@@ -174,8 +222,16 @@ def format_plan(suite: Suite, cells: list[Cell], out_dir: str | Path | None = No
 
         names = ", ".join(n for n, _ in parse_tasks(suite.eval["tasks"]))
         lines.append(f"  zero-shot tasks (lm-eval rules, acc and acc_norm): {names}")
-    lines += ["", "methods (analytic KV footprint at bf16, from the model on the meta device):"]
-    columns = [("method", "method", ""), ("kind", "kind", "")] + KV_COLUMNS[1:]  # kvlab info's columns
+    if suite.pretrained is not None:
+        lines += [
+            "",
+            f"methods: converted from {suite.pretrained['from']} and uptrained (analytic KV footprint at "
+            "bf16, from the converters applied to a stand-in of the source's shape; search rows: the budget)",
+        ]
+        columns = [("method", "method", ""), ("kind", "--to", ""), ("recipe", "recipe", "")] + KV_COLUMNS[2:]
+    else:
+        lines += ["", "methods (analytic KV footprint at bf16, from the model on the meta device):"]
+        columns = [("method", "method", ""), ("kind", "kind", "")] + KV_COLUMNS[1:]  # kvlab info's columns
     lines += ["  " + line for line in format_table(method_kv_table(suite), columns).splitlines()]
     if out_dir is not None:
         lines += [

@@ -119,6 +119,11 @@ def _digits(key: str) -> int:
     return 1 if key.endswith(("toks_per_s", "bytes", "bytes_per_token", "bytes_per_token_total")) else 3
 
 
+def method_kind(model: dict[str, Any]) -> str:
+    """The kind column: the attention kind of a model trained from scratch, the `--to` of an uptrained one."""
+    return model["to"] if "pretrained" in model else model["attention"]["kind"]
+
+
 def extra_columns(rows: list[dict[str, Any]], regime: str) -> list[tuple[str, str, bool]]:
     """Seed 000's 345M columns when a regime has them: each corpus's held-out loss (when heldout_loss
     is a mean over several) and each zero-shot task's acc / acc_norm (flattened keys)."""
@@ -128,6 +133,8 @@ def extra_columns(rows: list[dict[str, Any]], regime: str) -> list[tuple[str, st
             keys += [k for k in r["metrics"] if k not in keys]
     corpora = [k for k in keys if k.startswith("heldout_losses.")]
     cols = [(k, f"heldout {k.split('.', 1)[1]}", True) for k in corpora] if len(corpora) > 1 else []
+    if "step0.heldout_loss" in keys:  # an uptraining suite: the converted model before training, too
+        cols.insert(0, ("step0.heldout_loss", "heldout loss at step 0", True))
     for k in keys:
         parts = k.split(".")
         if len(parts) == 3 and parts[0] == "tasks" and parts[2] in ("acc", "acc_norm"):
@@ -149,7 +156,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list
         if not present:
             continue
         first = present[0]
-        kind = first["config"]["model"]["attention"]["kind"]
+        kind = method_kind(first["config"]["model"])
         checks = [r["cache_bytes_match"] for r in present]
         check = "?" if None in checks else ("yes" if all(checks) else "**NO**")
         cells = [
@@ -217,7 +224,12 @@ def plot_pareto(
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for ax, reg in zip(axes.flat, regimes):
         pts = [
-            (r["method"], r["metrics"]["kv_bytes_per_token"], r["metrics"]["heldout_loss"])
+            (
+                r["method"],
+                r["metrics"]["kv_bytes_per_token"],
+                r["metrics"]["heldout_loss"],
+                r["metrics"].get("step0.heldout_loss"),
+            )  # fmt: skip
             for m in methods
             for r in rows
             if r["method"] == m
@@ -237,8 +249,15 @@ def plot_pareto(
             zorder=1,
             label="Pareto frontier",
         )
-        for i, (m, _, y) in enumerate(pts):
+        step0_drawn = False
+        for i, (m, _, y, y0) in enumerate(pts):
             on = i in front
+            if y0 is not None:  # uptrained: where the converted model started, an arrow to where it ended
+                ax.plot(xs[i], y0["mean"], "o", ms=7, mfc="none", color=colors[m], zorder=2,
+                        label=None if step0_drawn else "step 0 (converted, before uptraining)")  # fmt: skip
+                arrow = dict(arrowstyle="->", color=colors[m], lw=1, alpha=0.6)
+                ax.annotate("", (xs[i], ys[i]), xytext=(xs[i], y0["mean"]), arrowprops=arrow, zorder=2)
+                step0_drawn = True
             ax.errorbar(
                 xs[i],
                 ys[i],

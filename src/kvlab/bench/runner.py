@@ -1,10 +1,11 @@
 """Run a bench: train and evaluate every cell of a suite, reusing finished cells, then write the report.
 
 Layout of OUT: `runs/<train_key>/` is a training run directory (shared by regimes that train the same
-model), `cells/<key>/eval.json` is one finished cell (metrics + resolved config). A cell is done iff its
-eval.json exists, and a run is done iff its `bench_train.json` exists, so an interrupted bench, rerun,
-trains only what is missing. The work itself goes through a `Backend` (data, train, eval), which tests
-replace with a cheap fake.
+model; with a pretrained [source], an uptraining run whose `step0/` holds the converted model before
+training, scored too), `cells/<key>/eval.json` is one finished cell (metrics + resolved config). A cell
+is done iff its eval.json exists, and a run is done iff its `bench_train.json` exists, so an interrupted
+bench, rerun, trains only what is missing. The work itself goes through a `Backend` (data, train,
+uptrain, eval), which tests replace with a cheap fake.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from kvlab.config import ModelConfig
 
 TRAIN_DONE = "bench_train.json"  # written into a run dir once training returned
 EVAL_FILE = "eval.json"
+STEP0_DIR = "step0"  # in an uptraining run: the converted model before its first step
+STEP0_KEYS = ("val_loss", "heldout_loss", "heldout_losses", "tasks")  # what a cell keeps of step 0
 
 
 class Backend(Protocol):
@@ -38,6 +41,10 @@ class Backend(Protocol):
     def evaluate(
         self, run_dir: Path, heldout: str | tuple[str, ...], data_dir: Path, **options
     ) -> dict[str, Any]: ...
+
+    def uptrain(self, spec: dict[str, Any], train_cfg: dict[str, Any], data_dir: Path, out_dir: Path) -> Path:
+        """Convert spec["pretrained"] by spec["to"], save it untrained in out_dir/step0, uptrain."""
+        ...
 
 
 class KvlabBackend:
@@ -64,6 +71,20 @@ class KvlabBackend:
                 progress=sys.stderr.isatty(),
             )
         )
+
+    def uptrain(self, spec: dict[str, Any], train_cfg: dict[str, Any], data_dir: Path, out_dir: Path) -> Path:
+        from kvlab.retrofit.source import load_source
+        from kvlab.retrofit.uptrain import check_block_size, uptrain
+
+        source, desc, source_dir = load_source(spec["pretrained"]["from"], flag="source.from")
+        uptrain(
+            check_block_size(source, spec.get("block_size")), spec["to"], data_dir, out_dir,
+            recipe=spec["recipe"], train_overrides=train_cfg, resume=True, source_desc=desc,
+            source_dir=source_dir, phase1_iters=spec.get("phase1_iters"),
+            n_calibration=spec["pretrained"]["calibration"], progress=sys.stderr.isatty(),
+            step0_dir=Path(out_dir) / STEP0_DIR,
+        )  # fmt: skip
+        return Path(out_dir)
 
     def evaluate(
         self, run_dir: Path, heldout: str | tuple[str, ...], data_dir: Path, **options
@@ -163,18 +184,26 @@ def _run_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log) 
     """Train (unless the run already exists) and evaluate one cell; True if it trained."""
     run_dir = out_dir / "runs" / cell.train_key
     trained = False
+    retrofit = "pretrained" in cell.model
     if not (run_dir / TRAIN_DONE).is_file():
         t0 = time.perf_counter()
-        model_cfg = ModelConfig.from_dict(cell.model)
-        backend.train(model_cfg, cell.train, data_dir, run_dir)
+        if retrofit:
+            backend.uptrain(cell.model, cell.train, data_dir, run_dir)
+        else:
+            backend.train(ModelConfig.from_dict(cell.model), cell.train, data_dir, run_dir)
         write_json(run_dir / TRAIN_DONE, {"train_s": time.perf_counter() - t0, **cell.config()})
         trained = True
         log(f"    trained in {time.perf_counter() - t0:.1f}s -> runs/{cell.train_key}")
     train_s = json.loads((run_dir / TRAIN_DONE).read_text()).get("train_s")
     t0 = time.perf_counter()
     metrics = backend.evaluate(run_dir, cell.heldout, data_dir, **cell.eval)
+    if retrofit:  # the same evaluation of the converted model before uptraining
+        step0 = backend.evaluate(run_dir / STEP0_DIR, cell.heldout, data_dir, **cell.eval)
+        metrics["step0"] = {k: step0[k] for k in STEP0_KEYS if k in step0}
     eval_s = time.perf_counter() - t0
     summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("val_loss", "heldout_loss") if k in metrics)
+    if retrofit and "heldout_loss" in metrics["step0"]:
+        summary += f" (step 0: heldout_loss {metrics['step0']['heldout_loss']:.4g})"
     log(f"    evaluated in {eval_s:.1f}s: {summary}")
     record = {
         "method": cell.method,

@@ -27,7 +27,9 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 DEFAULT_SUITE = "cpu-demo"
 
-_TOP_KEYS = {"suite", "model", "data", "train", "eval", "methods", "regimes"}
+_TOP_KEYS = {"suite", "source", "model", "data", "train", "eval", "methods", "regimes"}
+_SOURCE_KEYS = {"from", "calibration"}  # [source]: a pretrained model the methods are converted from
+_RETROFIT_KEYS = {"to", "recipe", "phase1_iters"}  # a method of a [source] suite
 _EVAL_KEYS = {
     "limit",
     "speed",
@@ -65,6 +67,18 @@ class Regime:
 
 
 @dataclass(frozen=True)
+class Retrofit:
+    """A method of a suite with a [source]: `kvlab uptrain --to TO --recipe RECIPE` from that model."""
+
+    to: str  # converter steps (kvlab.retrofit.structures): "mqa", "mla:144:16", "matryoshka+search:0.5"
+    recipe: str = "ce"  # ce | distill | oacd (kvlab.retrofit.uptrain.RECIPES)
+    phase1_iters: int | None = None  # oacd: ContextBlock-only steps (default max_iters / 4)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"to": self.to, "recipe": self.recipe, "phase1_iters": self.phase1_iters}
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     description: str
@@ -73,17 +87,29 @@ class Suite:
     data: dict[str, Any]  # kvlab.data.prepare arguments: corpus, tokenizer
     train: dict[str, Any]  # TrainConfig fields (the training budget); `preset` names a train preset
     eval: dict[str, Any]  # kvlab.eval.evaluate options (limit, speed, ...): cheaper CPU evaluations
-    methods: dict[str, AttentionConfig]  # display name -> attention structure, in table order
+    # display name -> attention structure (from scratch) or Retrofit (with a pretrained), in table order
+    methods: dict[str, AttentionConfig | Retrofit]
     regimes: tuple[Regime, ...]
     seeds: tuple[int, ...]
     pareto_regime: str | None = None  # regime plotted first in pareto.png (default: the first)
     source: str = ""  # the file it came from
+    # [source]: {"from": run dir | hf:DIR | model name, "calibration": batches} when methods are
+    # converted from a pretrained model and uptrained, instead of trained from scratch
+    pretrained: dict[str, Any] | None = None
 
     def with_seeds(self, n: int) -> Suite:
         """The same suite run with n seeds (first seed kept, then consecutive)."""
         if n < 1:
             raise SuiteError(f"--seeds {n}: the number of seeds must be at least 1")
         return dataclasses.replace(self, seeds=tuple(self.seeds[0] + i for i in range(n)))
+
+    def cell_model(self, method: str, regime: Regime) -> dict[str, Any]:
+        """What a cell trains, as the dict its hash covers: ModelConfig.to_dict() from scratch, or for a
+        [source] suite the pretrained source, the conversion, the recipe and the training context."""
+        if self.pretrained is None:
+            return self.model_config(method, regime).to_dict()
+        return {"pretrained": dict(self.pretrained), **self.methods[method].to_dict(),
+                **self.model, **regime.model}  # fmt: skip
 
     def model_config(self, method: str, regime: Regime) -> ModelConfig:
         """The resolved model of one method in one regime (suite overrides, then the regime's)."""
@@ -152,13 +178,25 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
         raise fail(f"suite.seeds={seeds!r} must be a positive count (seeds = 2) or a list of integers")
 
     model = table(raw, "model", "")
-    preset = model.pop("preset", None)
-    if preset not in MODEL_PRESETS:
-        raise fail(f"model.preset={preset!r} must name a model preset: {', '.join(MODEL_PRESETS)}")
-    if "attention" in model:
-        raise fail("model.attention is set per method; list structures under [methods] instead")
+    pretrained = _parse_source(raw, table, fail) if "source" in raw else None
     known_model = {f.name for f in dataclasses.fields(ModelConfig)}
-    _reject_unknown(model, known_model, "model.", fail)
+    if pretrained is not None:
+        # the architecture is the source's; only the training context is chosen (RoPE families)
+        known_model = {"block_size"}
+        _reject_unknown(model, known_model, "model.", fail)
+        if not isinstance(model.get("block_size"), int) or model["block_size"] < 1:
+            raise fail(
+                "model.block_size must be set to the training context for a [source] suite "
+                "(e.g. block_size = 128; a pretrained model's own window is usually far too long for a bench)"
+            )
+        preset = None
+    else:
+        preset = model.pop("preset", None)
+        if preset not in MODEL_PRESETS:
+            raise fail(f"model.preset={preset!r} must name a model preset: {', '.join(MODEL_PRESETS)}")
+        if "attention" in model:
+            raise fail("model.attention is set per method; list structures under [methods] instead")
+        _reject_unknown(model, known_model, "model.", fail)
 
     data = table(raw, "data", "")
     train = table(raw, "train", "")
@@ -175,8 +213,11 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
     methods_raw = table(raw, "methods", "")
     if not methods_raw:
         raise fail('no [methods]; add e.g. [methods] mha = "mha" and gqa = { kind = "gqa", n_kv_heads = 2 }')
-    methods: dict[str, AttentionConfig] = {}
+    methods: dict[str, AttentionConfig | Retrofit] = {}
     for mname, spec in methods_raw.items():
+        if pretrained is not None:
+            methods[mname] = _parse_retrofit(mname, spec, fail)
+            continue
         try:
             if isinstance(spec, str):
                 base = ModelConfig.preset(preset, **model)
@@ -205,6 +246,10 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
             if not isinstance(r.get(sub, {}), dict):
                 raise fail(f"regimes.{rname}.{sub} must be a table of overrides, got {r[sub]!r}")
         _reject_unknown(r.get("model", {}), known_model - {"attention"}, f"regimes.{rname}.model.", fail)
+        if pretrained is not None and "block_size" in r.get("model", {}):
+            bs = r["model"]["block_size"]
+            if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+                raise fail(f"regimes.{rname}.model.block_size={bs!r} must be a positive integer")
         heldout = r.get("heldout", "heldout")
         if isinstance(heldout, list) and heldout and all(isinstance(h, str) and h for h in heldout):
             heldout = tuple(heldout)
@@ -241,11 +286,57 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
         seeds=seed_list,
         pareto_regime=pareto,
         source=source,
+        pretrained=pretrained,
     )
-    for mname in methods:  # every method must build in every regime (catches e.g. kv_rank too large)
-        for regime in suite.regimes:
-            suite.model_config(mname, regime)
+    if pretrained is None:  # every method must build in every regime (catches e.g. kv_rank too large)
+        for mname in methods:
+            for regime in suite.regimes:
+                suite.model_config(mname, regime)
     return suite
+
+
+def _parse_source(raw: dict, table, fail) -> dict[str, Any]:
+    src = table(raw, "source", "")
+    _reject_unknown(src, _SOURCE_KEYS, "source.", fail)
+    name = src.get("from")
+    if not isinstance(name, str) or not name:
+        raise fail(
+            'source.from must name the pretrained model: a kvlab run directory, "hf:DIR" or a model name '
+            'from `kvlab models list` (from = "smollm2-135m")'
+        )
+    n = src.get("calibration", 4)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise fail(f"source.calibration={n!r} must be a positive number of calibration batches")
+    return {"from": name, "calibration": n}
+
+
+def _parse_retrofit(mname: str, spec: Any, fail) -> Retrofit:
+    """A [source] suite's method: a `--to` string, or { to = "...", recipe = "...", phase1_iters = N }."""
+    from kvlab.retrofit.structures import USAGE, parse_structure
+    from kvlab.retrofit.uptrain import RECIPES
+
+    if isinstance(spec, str):
+        spec = {"to": spec}
+    if not isinstance(spec, dict):
+        raise fail(
+            f'methods.{mname}={spec!r} must be a structure ("mqa") or a table '
+            '({ to = "matryoshka:32", recipe = "distill" })'
+        )
+    _reject_unknown(spec, _RETROFIT_KEYS, f"methods.{mname}.", fail)
+    to, recipe, p1 = spec.get("to"), spec.get("recipe", "ce"), spec.get("phase1_iters")
+    if not isinstance(to, str) or not to:
+        raise fail(f"methods.{mname}.to must be a structure: {USAGE}")
+    try:
+        steps = [name for name, _ in parse_structure(to)]
+    except ConfigError as e:
+        raise fail(f"methods.{mname}: {e}") from e
+    if recipe not in RECIPES:
+        raise fail(f"methods.{mname}.recipe={recipe!r} must be one of {', '.join(RECIPES)}")
+    if recipe == "oacd" and "context" not in steps:
+        raise fail(f"methods.{mname}: recipe oacd trains a ContextBlock; its structure needs a context step")
+    if p1 is not None and (isinstance(p1, bool) or not isinstance(p1, int) or p1 < 1):
+        raise fail(f"methods.{mname}.phase1_iters={p1!r} must be a positive integer")
+    return Retrofit(to=to, recipe=recipe, phase1_iters=p1)
 
 
 def _check_heldout(name: str, where: str, fail) -> None:

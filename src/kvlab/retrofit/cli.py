@@ -4,9 +4,9 @@ structure, evaluate it at step 0, uptrain with a seed's recipe, evaluate again; 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from kvlab.errors import KvlabError
+from kvlab.retrofit.source import load_source
 
 EXAMPLES = """examples:
   kvlab uptrain --from runs/mha --to gqa:2 --data DATA --out runs/up-gqa --control --set train.max_iters=200
@@ -17,25 +17,6 @@ EXAMPLES = """examples:
   kvlab uptrain ... --resume      # continue after a kill (also across the oacd phase boundary)
 
 --to: """
-
-
-def load_source(spec: str):
-    """(model, description, run dir or None) for --from: a kvlab run directory, hf:DIR or a model name."""
-    from kvlab.checkpoint import load_model
-
-    path = Path(spec)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return load_model(path), f"run:{path}", path
-    from kvlab.convert.hf import from_hf
-    from kvlab.models import resolve_model_source
-
-    hf_dir = resolve_model_source(spec)  # hf:DIR or a registry name (fetched once); None otherwise
-    if hf_dir is not None:
-        return from_hf(hf_dir).float(), spec, None
-    raise KvlabError(
-        f"--from {spec!r} is not a kvlab run directory (config.json + model.safetensors); pass a run "
-        "directory, hf:DIR (a local Hugging Face model) or a model name from `kvlab models list`"
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,10 @@
     share:SPEC       to_kv_share(SPEC), e.g. share:every:2 (CLA2), share:groups:4 (MLKV owners)
     mla:R[:ROPE[:M]] to_mla(kv_rank=R, rope_dim=ROPE, method=M)  (default: all RoPE dims, pca)
     matryoshka[:R]   to_matryoshka with PCA init, every head at rank R (default: full)
+    search:B[:F[:S]] MatryoshkaKV's greedy rank search (seed 003) down to B x the full-rank KV bytes, lowering
+                     the cheapest fraction F (default 0.1) of cuts by S dims (default head_dim / 8) per round;
+                     follows a matryoshka step: `matryoshka+search:0.5`. Cuts are scored on the first
+                     calibration batch (each candidate is a forward pass).
     context:L[,L..]  replace_layers(L: Context-KV, seed 001's interval 32 capped at block_size / 4)
     none             the source unchanged (what --control trains)
 
@@ -12,10 +16,13 @@ Example: `gqa:1+share:groups:2` is MLKV with one KV head in two owner layers.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
+from kvlab.attention.matryoshka import matryoshka_layers, ranks_config
 from kvlab.config import AttentionConfig, ConfigError
 from kvlab.convert.grouped import to_gqa, to_kv_share
 from kvlab.convert.layers import replace_layers
@@ -23,7 +30,10 @@ from kvlab.convert.matryoshka import to_matryoshka
 from kvlab.convert.mla import to_mla
 from kvlab.model import GPT
 
-USAGE = "gqa:N, mqa, share:SPEC, mla:R[:ROPE[:svd|pca]], matryoshka[:R], context:L[,L...], none"
+USAGE = (
+    "gqa:N, mqa, share:SPEC, mla:R[:ROPE[:svd|pca]], matryoshka[:R], search:BUDGET[:FRACTION[:STEP]], "
+    "context:L[,L...], none"
+)
 
 
 def _int(text: str, what: str, spec: str) -> int:
@@ -84,6 +94,34 @@ def _matryoshka(model, args, calib, spec):
     return to_matryoshka(model, ranks=rank, calibration=calib or None)
 
 
+def _float(text: str, what: str, spec: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--to {spec!r}: {what} {text!r} must be a number; structures: {USAGE}") from None
+
+
+def _search(model, args, calib, spec):
+    from kvlab.search import greedy_rank_search
+
+    if not 1 <= len(args) <= 3:
+        raise ConfigError(f"--to {spec!r}: write search:BUDGET[:FRACTION[:STEP]], e.g. matryoshka+search:0.5")
+    if not matryoshka_layers(model):
+        raise ConfigError(
+            f"--to {spec!r}: search lowers Matryoshka ranks; put a matryoshka step first "
+            "(matryoshka+search:0.5)"
+        )
+    if not calib:
+        raise ConfigError(f"--to {spec!r}: the rank search needs calibration batches")
+    budget = _float(args[0], "budget", spec)
+    fraction = _float(args[1], "fraction", spec) if len(args) > 1 else 0.1
+    step = _int(args[2], "step", spec) if len(args) > 2 else None
+    model = copy.deepcopy(model)  # the search sets ranks in place; the step's input stays as it was
+    greedy_rank_search(model, calib[:1], budget, step=step, fraction=fraction)
+    model.config = dataclasses.replace(model.config, attention=ranks_config(model))
+    return model
+
+
 def _context(model, args, calib, spec):
     if len(args) != 1:
         raise ConfigError(f"--to {spec!r}: write context:LAYER[,LAYER...] (seed 001: context:0)")
@@ -103,6 +141,7 @@ STEPS: dict[str, Callable] = {
     "share": _share,
     "mla": _mla,
     "matryoshka": _matryoshka,
+    "search": _search,
     "context": _context,
     "none": _none,
 }

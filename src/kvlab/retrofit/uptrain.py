@@ -30,7 +30,7 @@ from kvlab.model import GPT
 from kvlab.retrofit.structures import convert
 from kvlab.train.batches import make_batch, open_split, read_meta, sample_offsets
 from kvlab.train.checkpointing import RESUME_FILE, read_metrics
-from kvlab.train.loop import VAL_SEED_OFFSET, resolve_vocab, train
+from kvlab.train.loop import VAL_SEED_OFFSET, resolve_vocab, save_untrained, train
 from kvlab.train.terms import LossTerm, default_terms, distillation_terms
 
 RECIPES = ("ce", "distill", "oacd")
@@ -156,9 +156,12 @@ def uptrain(
     phase1_iters: int | None = None,
     n_calibration: int = 4,
     progress: bool = False,
+    step0_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Convert `source` to `structure`, evaluate, train with `recipe`, evaluate; returns the summary that is
-    also written to OUT/uptrain.json (source, structure, KV bytes, step-0 and final held-out losses)."""
+    also written to OUT/uptrain.json (source, structure, KV bytes, step-0 and final held-out losses).
+    step0_dir: also save the converted model, untrained, as a run directory there (what `kvlab bench`
+    scores as step 0 with the same evaluation as the trained run)."""
     if recipe not in RECIPES:
         raise UptrainError(f"--recipe {recipe!r} unknown; use one of {', '.join(RECIPES)}")
     data_dir, out = Path(data_dir), Path(out_dir)
@@ -178,6 +181,8 @@ def uptrain(
     if teacher is not None:
         check_teacher(teacher, model)
     teacher = teacher or source
+    if step0_dir is not None and not (Path(step0_dir) / "config.json").is_file():
+        save_untrained(step0_dir, model, cfg, data_dir)
     runs = {"reduced": (model, out, recipe)}
     if control:
         runs["control"] = (source, out / "control", "ce" if recipe == "oacd" else recipe)

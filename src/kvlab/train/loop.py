@@ -26,6 +26,7 @@ from kvlab.checkpoint import (
     live_model_config,
     load_model,
     run_config,
+    save_model,
     write_json,
 )
 from kvlab.config import ModelConfig, TrainConfig
@@ -123,6 +124,24 @@ def _save_tokenizer(data_dir: Path, run_dir: Path) -> None:
         load_tokenizer(data_dir).save(run_dir)
     except (KvlabError, FileNotFoundError):  # the dataset has no tokenizer files: token ids only
         pass
+
+
+def data_record(data_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The "data" section of a run's config.json: where its tokens are and what meta.json says of them."""
+    fields = {k: v for k, v in meta.items() if not isinstance(v, dict)}
+    return {"dir": str(Path(data_dir).resolve()), **fields}
+
+
+def save_untrained(run_dir: str | Path, model: nn.Module, cfg: TrainConfig, data_dir: str | Path) -> Path:
+    """`model` as a run directory before any training step (uptraining's step 0): its weights, the tokenizer
+    and a config.json whose train and data sections are those a run of `cfg` on `data_dir` records, so
+    `kvlab eval` scores it exactly as it scores the trained run (the same val batches, context, corpora)."""
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(data_dir, run_dir)
+    extra = {"train": cfg.to_dict(), "data": data_record(data_dir, read_meta(data_dir))}
+    save_model(run_dir, model, extra=extra)  # config.json last: its presence marks the directory complete
+    return run_dir
 
 
 def train(
@@ -244,10 +263,7 @@ def _train(
 
     extra = {
         "train": cfg.to_dict(),
-        "data": {
-            "dir": str(data_dir.resolve()),
-            **{k: v for k, v in meta.items() if not isinstance(v, dict)},
-        },
+        "data": data_record(data_dir, meta),
         "run": {
             "world_size": ctx.world,
             "device": str(device),
