@@ -13,6 +13,8 @@ from kvlab.convert.grouped import to_gqa, to_kv_share
 from kvlab.convert.layers import replace_layers
 from kvlab.convert.matryoshka import to_matryoshka
 from kvlab.convert.mla import mla_rank_bound, to_mla
+from kvlab.errors import KvlabError
+from kvlab.retrofit.structures import convert
 
 from conftest import FAMILIES, tiny_config
 
@@ -171,3 +173,55 @@ def test_bad_requests_are_one_line_errors():
         with pytest.raises(ConfigError, match=words) as e:
             fn()
         assert "\n" not in str(e.value)
+
+
+def test_matryoshka_search_beats_uniform_ranks_at_the_same_bytes():
+    """`matryoshka+search:0.5` (PCA bases, greedy ranks at half the KV bytes) keeps the model closer than
+    `matryoshka:D/2` (every head at half rank, the same bytes) when heads differ in how much they carry:
+    here KV head 0 of every layer has rank-1 K and V projections, which the search cuts first."""
+    from kvlab.search import final_hidden
+
+    model = _trained_like("llama", n_kv_heads=2)
+    D = model.config.head_dim
+    with torch.no_grad():
+        for block in model.blocks:
+            w = block.attn.kv_proj.weight.view(2, 2, D, -1)  # (K/V, H_kv, D, C)
+            for kv in range(2):
+                w[kv, 0] = torch.outer(torch.randn(D), torch.randn(w.shape[-1]))
+    calib = [torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(3))]
+    searched = convert(model, "matryoshka+search:0.5:0.25", calib)
+    uniform = convert(model, f"matryoshka:{D // 2}", calib)
+    full_bytes = model.kv_metrics()["kv_bytes_per_token"]
+    assert searched.kv_metrics()["kv_bytes_per_token"] <= 0.5 * full_bytes
+    assert uniform.kv_metrics()["kv_bytes_per_token"] == 0.5 * full_bytes
+    held_out = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref_h, ref_p = final_hidden(model, held_out), model(held_out).log_softmax(-1)
+
+        def err(m):
+            return (final_hidden(m, held_out) - ref_h).norm() / ref_h.norm()
+
+        def kl(m):
+            p = m(held_out).log_softmax(-1)
+            return torch.nn.functional.kl_div(p, ref_p, log_target=True, reduction="batchmean")
+
+    assert err(searched) < 0.5 * err(uniform) and kl(searched) < kl(uniform)
+    assert all(b.attn.v_ranks[0] == 1 for b in searched.blocks)  # the rank-1 values: cut to rank 1, free
+    assert model.config.attention.kind == "gqa"  # the source is untouched
+
+
+def test_search_step_errors_are_one_line():
+    model = _trained_like("llama", n_kv_heads=2)
+    calib = [torch.randint(0, 97, (2, 16))]
+    cases = [
+        ("search:0.5", "put a matryoshka step first"),
+        ("matryoshka+search", "write search:BUDGET"),
+        ("matryoshka+search:half", "budget 'half' must be a number"),
+        ("matryoshka+search:0.01", "below the smallest reachable ratio"),
+    ]
+    for spec, words in cases:
+        with pytest.raises(KvlabError, match=words) as e:
+            convert(model, spec, calib)
+        assert "\n" not in str(e.value)
+    with pytest.raises(KvlabError, match="needs calibration"):
+        convert(model, "matryoshka+search:0.5", [])

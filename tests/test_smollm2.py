@@ -83,3 +83,23 @@ def test_smollm2_heldout_perplexity_equals_an_independent_transformers_computati
     want = float(torch.stack(losses).mean())
     assert got == pytest.approx(want, abs=1e-4)
     assert math.exp(got) < 60  # early-modern English at 135M: a real model, not noise (vocab 49,152)
+
+
+@skip
+@torch.inference_mode()
+def test_smollm2_mqa_step0_equals_an_independent_transformers_computation(models):
+    """The MQA conversion of SmolLM2 (3 KV heads mean-pooled into 1), scored at step 0 on the offline
+    held-out plays, equals transformers' loss of a LlamaForCausalLM with num_key_value_heads=1 whose K/V
+    weights are pooled from HF's own tensors (tests/test_retrofit_hf.py); and it is worse than the source."""
+    from kvlab.data import load_documents, load_tokenizer
+    from kvlab.eval.lm import heldout_loss
+    from kvlab.retrofit.structures import convert
+    from test_retrofit_hf import N_WINDOWS, T, mean_pooled_kv_heads, transformers_loss
+
+    hf, model = models
+    text = "\n\n".join(load_documents("shakespeare", "heldout"))[:20000]
+    tokens = torch.tensor(load_tokenizer("smollm2-135m").encode(text))
+    mqa = convert(model, "mqa", [])
+    got = heldout_loss(mqa, tokens, block_size=T, batch_size=2, max_windows=N_WINDOWS)
+    assert got == pytest.approx(transformers_loss(mean_pooled_kv_heads(hf, 1), tokens), abs=1e-4)
+    assert got > transformers_loss(hf, tokens) + 0.5  # a real loss of quality at step 0
