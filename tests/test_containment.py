@@ -21,7 +21,7 @@ from kvlab.harness.validate import validate_file
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=64)
 LIMITS = Limits(cpu_s=120, wall_s=120, memory_bytes=4 << 30)
-FORWARD = "    def forward(self, x):\n"
+FORWARD = "    def forward(self, x, state=None, pos=0):\n"
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -182,21 +182,52 @@ def test_kvlab_train_attention_file_trains_and_scores_contained(world, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    assert out.splitlines()[:3] == [
+    assert out.splitlines()[:4] == [
         f"{run_dir}: ok",
         "  kv_bytes_per_token 64 (seed-000 formula), measured 64",  # (rank 24 + rope 8) * 2
         "  head_sharing_ratio 4, latent_rank_ratio 1.5",  # 24 / (8 + 8)
+        "  cache: 64 B/token held by the file's cache after a real prefill; cached decoding equals the "
+        "full forward",
     ]
     r = json.loads((run_dir / "harness.json").read_text())
     assert r["verdict"] == "ok" and r["kv_flags"] == [] and r["train"]["step"] == 6
     assert r["train"]["val_loss"] < 4.2  # below ln(64): it learned
-    assert r["generation"]["generation_toks_per_s"] > 0 and r["generation"]["method"].startswith("seed-000")
+    assert r["cache"]["per_layer"][0]["tensors"] == {"c_kv": [2, 12, 24], "k_pe": [2, 1, 12, 8]}
+    g = r["generation"]
+    assert g["method"].startswith("kvlab: cached") and g["generation_toks_per_s"] > 0
+    assert g["nocache_toks_per_s"] > 0 and g["nocache_method"].startswith("seed-000")
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run"]["attention_sha256"] == r["attention_sha256"]
     assert snapshot(outside) == before  # the dataset was read, not written
 
 
 MiB = 1 << 20
+
+
+def test_contained_generation_is_cached_only_where_the_file_has_a_cache(world):
+    tmp_path, _ = world
+    cached = tmp_path / "gqa.py"
+    cached.write_text(template_text("gqa"))
+    out = run(tmp_path, cached, generate=True, prompt_len=8, new_tokens=8)
+    assert out.verdict == "ok", out.line
+    cache, g = out.result["cache"], out.result["generation"]
+    assert cache["decode_matches_full"] and [x["kv_bytes_per_token"] for x in cache["per_layer"]] == [32, 32]
+    assert g["method"].startswith("kvlab: cached greedy decoding") and (
+        g["prompt_tokens"],
+        g["new_tokens"],
+    ) == (8, 8)
+    assert g["generation_toks_per_s"] > 0 and g["nocache_toks_per_s"] > 0
+    # the seed's own contract (no new_state): timed cache-free, labelled as seed 000's method
+    plain = tmp_path / "plain.py"
+    plain.write_text(template_text("gqa").replace("def new_state(", "def spare_state("))
+    out = run(tmp_path, plain, generate=True, prompt_len=8, new_tokens=8)
+    assert out.verdict == "ok", out.line
+    assert out.result["cache"] == {
+        "interface": False,
+        "reason": "CausalSelfAttention defines no new_state(batch_size, max_len, device, dtype)",
+    }
+    assert out.result["generation"]["method"].startswith("seed-000: cache-free")
+    assert set(out.result["generation"]) == {"generation_toks_per_s", "method"}
 
 
 def test_a_file_past_the_file_size_limit_ends_with_disk(world):
