@@ -493,6 +493,24 @@ def test_kvlab_lm_eval_commands_run_lm_evals_cli(monkeypatch, capsys):
     assert scripts["kvlab-lm-eval"] == "kvlab.eval.lm_eval_cli:main"
 
 
+def test_lm_evals_own_errors_are_one_line(monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    import lm_eval.__main__
+
+    from kvlab.cli import main
+
+    def unknown_task():
+        raise ValueError("Tasks not found: nosuch.\n  Try `lm-eval ls tasks`")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", unknown_task)
+    assert main(["lm-eval", "--model_args", "run=r", "--tasks", "nosuch"]) == 2
+    assert (
+        capsys.readouterr().err == "kvlab: error: lm_eval: Tasks not found: nosuch. Try `lm-eval ls tasks`\n"
+    )
+    with pytest.raises(ValueError, match="Tasks not found"):  # --debug keeps the traceback
+        main(["--debug", "lm-eval", "--tasks", "nosuch"])
+
+
 def test_kvlab_lm_eval_without_lm_eval_is_one_line(monkeypatch, capsys):
     from kvlab.eval import lm_eval_cli
 

@@ -16,7 +16,8 @@ from kvlab.errors import KvlabError
 PROG = "kvlab-lm-eval"
 EXAMPLES = """lm-evaluation-harness's command line with the kvlab model registered; every argument goes to
 lm_eval (`lm_eval run --help` lists them). --model defaults to kvlab; --model_args run=RUN_DIR names the
-run, optionally device=cpu|cuda:N and max_length=N.
+run, optionally device=cpu|cuda:N and max_length=N. Errors are one line; `kvlab --debug lm-eval ...`
+shows the traceback.
 
 examples:
   kvlab lm-eval --model_args run=runs/gqa --tasks piqa --batch_size 16 --limit 50
@@ -45,6 +46,10 @@ def run_lm_eval(argv: list[str], prog: str = PROG) -> int:
     sys.argv = [prog, *with_default_model(argv)]  # lm_eval's parser reads sys.argv itself
     try:
         cli_evaluate()
+    except KvlabError:
+        raise
+    except ValueError as e:  # lm_eval's own user errors ("Tasks not found: ...", bad model_args)
+        raise KvlabError("lm_eval: " + " ".join(str(e).split())) from e
     finally:
         sys.argv = saved
     return 0
