@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,14 @@ import pytest
 
 from kvlab import ModelConfig
 from kvlab.cli import main
-from kvlab.harness.contain import Limits, _verdict, run_contained
+from kvlab.harness.contain import Limits, _verdict, disk_use, run_contained
 from kvlab.harness.landlock import abi_version
 from kvlab.harness.template import template_text
 from kvlab.harness.validate import validate_file
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=64)
 LIMITS = Limits(cpu_s=120, wall_s=120, memory_bytes=4 << 30)
-FORWARD = "    def forward(self, x):\n"
+FORWARD = "    def forward(self, x, state=None, pos=0):\n"
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -181,18 +182,110 @@ def test_kvlab_train_attention_file_trains_and_scores_contained(world, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    assert out.splitlines()[:3] == [
+    assert out.splitlines()[:4] == [
         f"{run_dir}: ok",
         "  kv_bytes_per_token 64 (seed-000 formula), measured 64",  # (rank 24 + rope 8) * 2
         "  head_sharing_ratio 4, latent_rank_ratio 1.5",  # 24 / (8 + 8)
+        "  cache: 64 B/token held by the file's cache after a real prefill; cached decoding equals the "
+        "full forward",
     ]
     r = json.loads((run_dir / "harness.json").read_text())
     assert r["verdict"] == "ok" and r["kv_flags"] == [] and r["train"]["step"] == 6
     assert r["train"]["val_loss"] < 4.2  # below ln(64): it learned
-    assert r["generation"]["generation_toks_per_s"] > 0 and r["generation"]["method"].startswith("seed-000")
+    assert r["cache"]["per_layer"][0]["tensors"] == {"c_kv": [2, 12, 24], "k_pe": [2, 1, 12, 8]}
+    g = r["generation"]
+    assert g["method"].startswith("kvlab: cached") and g["generation_toks_per_s"] > 0
+    assert g["nocache_toks_per_s"] > 0 and g["nocache_method"].startswith("seed-000")
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run"]["attention_sha256"] == r["attention_sha256"]
     assert snapshot(outside) == before  # the dataset was read, not written
+
+
+MiB = 1 << 20
+
+
+def test_contained_generation_is_cached_only_where_the_file_has_a_cache(world):
+    tmp_path, _ = world
+    cached = tmp_path / "gqa.py"
+    cached.write_text(template_text("gqa"))
+    out = run(tmp_path, cached, generate=True, prompt_len=8, new_tokens=8)
+    assert out.verdict == "ok", out.line
+    cache, g = out.result["cache"], out.result["generation"]
+    assert cache["decode_matches_full"] and [x["kv_bytes_per_token"] for x in cache["per_layer"]] == [32, 32]
+    assert g["method"].startswith("kvlab: cached greedy decoding") and (
+        g["prompt_tokens"],
+        g["new_tokens"],
+    ) == (8, 8)
+    assert g["generation_toks_per_s"] > 0 and g["nocache_toks_per_s"] > 0
+    # the seed's own contract (no new_state): timed cache-free, labelled as seed 000's method
+    plain = tmp_path / "plain.py"
+    plain.write_text(template_text("gqa").replace("def new_state(", "def spare_state("))
+    out = run(tmp_path, plain, generate=True, prompt_len=8, new_tokens=8)
+    assert out.verdict == "ok", out.line
+    assert out.result["cache"] == {
+        "interface": False,
+        "reason": "CausalSelfAttention defines no new_state(batch_size, max_len, device, dtype)",
+    }
+    assert out.result["generation"]["method"].startswith("seed-000: cache-free")
+    assert set(out.result["generation"]) == {"generation_toks_per_s", "method"}
+
+
+def test_a_file_past_the_file_size_limit_ends_with_disk(world):
+    tmp_path, outside = world
+    path = hostile(tmp_path, "        torch.save(torch.zeros(1 << 20), 'big.pt')\n")  # 4 MiB of float32
+    before = snapshot(outside)
+    out = run(tmp_path, path, Limits(cpu_s=120, wall_s=120, memory_bytes=4 << 30, file_bytes=MiB))
+    assert out.verdict == "disk", out.line
+    # torch.save's C++ writer only says "unexpected pos"; the file stopped at the limit names the cause
+    assert out.line.startswith("disk: big.pt reached the file-size limit of 1 MiB (RuntimeError: ")
+    assert (out.run_dir / "big.pt").stat().st_size == MiB
+    assert out.result["stage"] == "forward" and out.returncode == 6
+    assert_untouched(tmp_path, outside, before, path)
+
+
+def test_a_swallowed_file_size_error_still_counts(world):
+    tmp_path, _ = world
+    body = (
+        "        try:\n"
+        "            torch.save(torch.zeros(1 << 20), 'big.pt')\n"
+        "        except Exception:\n"
+        "            pass\n"
+    )
+    out = run(tmp_path, hostile(tmp_path, body), Limits(cpu_s=120, wall_s=120, file_bytes=MiB))
+    assert (out.verdict, out.line) == ("disk", "disk: big.pt reached the file-size limit of 1 MiB")
+    assert out.result["stage"] == "done"  # it ran to the end, and still gets the verdict
+
+
+def test_many_small_files_hit_the_run_directory_cap(world):
+    tmp_path, outside = world
+    body = (  # each file is far below the file-size limit; together they would fill the disk
+        "        i = 0\n"
+        "        while True:\n"
+        "            torch.save(torch.zeros(1 << 12), 'f' + str(i) + '.pt')\n"
+        "            i += 1\n"
+    )
+    path = hostile(tmp_path, body)
+    before = snapshot(outside)
+    out = run(tmp_path, path, Limits(cpu_s=120, wall_s=60, file_bytes=MiB, disk_bytes=2 * MiB))
+    assert (out.verdict, out.line) == ("disk", "disk: the run directory grew past 2 MiB; the run was killed")
+    assert out.returncode == -signal.SIGKILL and out.elapsed_s < 30
+    assert 2 * MiB < disk_use(out.run_dir) < 200 * MiB  # killed within one poll of crossing the cap
+    assert_untouched(tmp_path, outside, before, path)
+
+
+def test_a_chatty_child_does_not_grow_the_parent(world):
+    tmp_path, _ = world
+    path = hostile(tmp_path, "        for i in range(40):\n            print('y' * 999999)\n")  # 40 MB
+    tracemalloc.start()
+    try:
+        out = run(tmp_path, path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.verdict == "ok", out.line
+    assert out.output_bytes >= 40 * 1_000_000  # all of it was read (the child never blocked on the pipe)
+    assert peak < 4 * MiB  # the parent kept a 64 KiB tail, not 40 MB (communicate() held all of it)
+    assert len(out.output) == 4000 and out.output.endswith("y\nok\n")
 
 
 def test_verdicts_from_signals():
@@ -202,4 +295,7 @@ def test_verdicts_from_signals():
         == "timeout: CPU time limit of 7 s exceeded (SIGXCPU)"
     )
     assert _verdict(-signal.SIGKILL, False, limits, {}, "")[0] == "memory"
+    assert _verdict(-signal.SIGXFSZ, None, Limits(file_bytes=MiB), {}, "")[1] == (
+        "disk: a file reached the file-size limit of 1 MiB (SIGXFSZ)"
+    )
     assert _verdict(1, False, limits, {}, "Traceback\nImportError: x")[1].endswith("(ImportError: x)")

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from kvlab import ModelConfig
+from kvlab.cache import CacheError
 from kvlab.cli import main
+from kvlab.generate import generate
 from kvlab.harness import SeedGPT, init_attention, load_attention, validate_file
+from kvlab.harness.cached import cache_report, check_cache, compare_cache, usable
 from kvlab.harness.loader import AttentionLoadError
 from kvlab.harness.metrics import compare, declared_metrics, diagnostics, measure_kv
 from kvlab.harness.template import BEGIN_MARKER, END_MARKER, template_text
@@ -223,3 +226,161 @@ def test_cli_init_attention_and_validate(tmp_path, capsys):
     (tmp_path / "nomarkers.py").write_text("def f():\n    pass\n")
     assert main(["validate", str(tmp_path / "nomarkers.py")]) == 1
     assert "region-markers" in capsys.readouterr().out
+
+
+# ---- kvlab's cache interface in attention files -------------------------------------------------------
+NEW_STATE = "    def new_state(self, batch_size, max_len, device, dtype):\n"
+CACHED_WRITE = (
+    "            if state is not None:  # append the new tokens' K/V, then read every cached position\n"
+    '                state["k"][:, :, pos : pos + T] = k\n'
+    '                state["v"][:, :, pos : pos + T] = v\n'
+    '                k = state["k"][:, :, : pos + T].to(q.dtype)  # (B, n_kv, S = pos + T, hd)\n'
+    '                v = state["v"][:, :, : pos + T].to(q.dtype)  # (B, n_kv, S, hd)\n'
+)
+
+
+@pytest.mark.parametrize(
+    "fill,share,per_layer",
+    [
+        ("mha", False, [128, 128, 128]),  # 2 * 4 heads * 8 * 2 B
+        ("gqa", False, [32, 32, 32]),  # one KV head
+        ("mqa", False, [32, 32, 32]),
+        ("mla", False, [48, 48, 48]),  # (rank 16 + rope 8) * 2 B
+        ("gqa", True, [32, 0, 32, 0]),  # odd layers reuse the previous layer's K/V: they keep nothing
+        ("mla", True, [48, 0, 48, 0]),
+    ],
+)
+def test_fills_cache_decodes_as_the_full_forward(tmp_path, fill, share, per_layer):
+    path = _edit(tmp_path, fill, "    return False\n", "    return layer_idx % 2 == 1\n") if share else None
+    loaded = load_attention(path) if share else load_attention(init_attention(tmp_path / "f.py", fill))
+    model = SeedGPT(tiny(n_layer=len(per_layer)), loaded)
+    assert model.supports_cache
+    report = check_cache(model, prompt_len=8, new_tokens=4, batch_size=2)
+    assert report["decode_matches_full"] and report["max_abs_diff"] < 1e-10
+    assert [x["kv_bytes_per_token"] for x in report["per_layer"]] == per_layer
+    declared = declared_metrics(model)
+    assert [x["kv_bytes_per_token"] for x in declared["per_layer"]] == per_layer
+    assert compare_cache(declared, report) == []
+    # the cache's own nbytes: 2 sequences x 12 tokens x numbers per token x 8 bytes (float64)
+    assert report["cache_nbytes"] == 2 * 12 * sum(per_layer) // 2 * 8
+
+
+@pytest.mark.parametrize("fill", ["gqa", "mla"])
+def test_kvlab_generate_drives_the_files_cache(fills, fill):
+    # kvlab's generate (prefill + one token a step through new_cache) == greedy over full forwards
+    torch.manual_seed(0)
+    model = SeedGPT(tiny(), fills[fill]).eval()
+    idx = torch.randint(0, 64, (2, 6))
+    result = generate(model, idx, 10)
+    seq = idx
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(result.tokens, seq)
+    per_token = {"gqa": 2 * 8, "mla": 16 + 8}[fill]  # numbers per token and layer
+    assert result.cache_bytes == 2 * 16 * 3 * per_token * 4  # batch 2, 16 tokens, 3 layers, float32
+    cache = model.new_cache(batch_size=2, max_len=16)
+    model(idx, cache=cache)
+    with pytest.raises(CacheError, match="exceed the cache's max_len=16"):
+        model(torch.zeros(2, 11, dtype=torch.long), cache=cache)
+
+
+def test_a_file_without_the_interface_is_the_seeds_contract(tmp_path, fills):
+    # the seed's own shape: forward(x) only, no new_state -> cache-free, with the reason recorded
+    text = template_text("gqa")
+    start, end = text.index(NEW_STATE), text.index("    def forward(self, x, state=None, pos=0):\n")
+    text = text[:start] + text[end:].replace(
+        "def forward(self, x, state=None, pos=0):", "def forward(self, x):"
+    )
+    path = tmp_path / "seed_style.py"
+    path.write_text(text.replace(CACHED_WRITE, ""))
+    assert validate_file(path) == []
+    model = SeedGPT(tiny(), load_attention(path))
+    assert not model.supports_cache
+    assert cache_report(model) == {
+        "interface": False,
+        "reason": "CausalSelfAttention defines no new_state(batch_size, max_len, device, dtype)",
+    }
+    with pytest.raises(CacheError, match="no cache: CausalSelfAttention defines no new_state"):
+        model.new_cache(batch_size=1, max_len=8)
+    torch.manual_seed(0)
+    reference = SeedGPT(tiny(), fills["gqa"])
+    model.load_state_dict(reference.state_dict())  # same weights: the same seed-000 forward
+    idx = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(model(idx), reference(idx))
+
+
+SMUGGLERS = {
+    # K/V kept on the module, the last call's: caught by decoding two sequences interleaved
+    "last call": (
+        "            if state is not None:\n"
+        "                if pos == 0:\n"
+        "                    self.hist = (k, v)\n"
+        "                else:\n"
+        "                    self.hist = (torch.cat([self.hist[0], k], 2), torch.cat([self.hist[1], v], 2))\n"
+        "                k, v = self.hist\n"
+    ),
+    # K/V kept on the module, keyed by the cache: caught by decoding from a copy of the cache
+    "by cache": (
+        "            if state is not None:\n"
+        "                old = self.hist.get(id(state))\n"
+        "                if old is not None:\n"
+        "                    k, v = torch.cat([old[0], k], 2), torch.cat([old[1], v], 2)\n"
+        "                self.hist[id(state)] = (k, v)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SMUGGLERS)
+def test_state_kept_outside_the_cache_is_caught(tmp_path, case):
+    path = _edit(tmp_path, "gqa", CACHED_WRITE, SMUGGLERS[case])
+    init = "        self._uses_latent_compression = False\n"
+    text = path.read_text().replace(init, init + "        self.hist = {}\n")
+    path.write_text(
+        text.replace(
+            '        return {\n            "k"', '        return {}\n        return {\n            "k"'
+        )
+    )
+    assert validate_file(path) == []
+    model = SeedGPT(tiny(), load_attention(path))
+    report = cache_report(model)
+    assert report["interface"] and not report["decode_matches_full"] and not usable(report)
+    flags = compare_cache(declared_metrics(model), report)
+    assert flags[0].startswith("MISMATCH cache: cached decoding differs from the full forward")
+    assert flags[1:] == [
+        f"note layer {i}: declared 32 B/token, the cache holds only 0 B/token" for i in range(3)
+    ]
+
+
+def test_a_cache_larger_than_declared_is_flagged(tmp_path):
+    # declares one KV head (gqa) but allocates a cache for all four heads, writing one of them
+    path = _edit(
+        tmp_path,
+        "gqa",
+        "        shape = (batch_size, self.n_kv_head, max_len, self.head_dim)",
+        "        shape = (batch_size, self.n_head, max_len, self.head_dim)",
+    )
+    path.write_text(
+        path.read_text()
+        .replace('state["k"][:, :, pos', 'state["k"][:, :1, pos')
+        .replace('state["v"][:, :, pos : pos + T] = v', 'state["v"][:, :1, pos : pos + T] = v')
+        .replace('state["k"][:, :, : pos', 'state["k"][:, :1, : pos')
+        .replace('state["v"][:, :, : pos', 'state["v"][:, :1, : pos')
+    )
+    model = SeedGPT(tiny(), load_attention(path))
+    report = cache_report(model)
+    assert report["decode_matches_full"]
+    assert compare_cache(declared_metrics(model), report) == [
+        f"MISMATCH layer {i}: declared 32 B/token, the cache holds 128 B/token" for i in range(3)
+    ]
+
+
+def test_a_cached_path_that_raises_is_reported_not_fatal(tmp_path):
+    path = _edit(
+        tmp_path, "mqa", CACHED_WRITE, "            if state is not None:\n                k = k[9]\n"
+    )
+    model = SeedGPT(tiny(), load_attention(path))
+    report = cache_report(model)
+    assert report["error"].startswith("the cached path failed (IndexError: index 9 is out of bounds")
+    assert not usable(report)
+    assert compare_cache(declared_metrics(model), report) == [f"MISMATCH cache: {report['error']}"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import zipfile
 from pathlib import Path
 
@@ -383,3 +384,137 @@ def test_adapter_rolling_and_generation(model, tokenizer):
     if stop:
         (cut,) = lm.generate_until([_Req("Answer:", {"until": [stop], "max_gen_toks": 6})])
         assert cut == full.split(stop)[0]
+
+
+def _results_file(out_dir: Path) -> dict:
+    (path,) = out_dir.rglob("results_*.json")  # lm_eval writes OUT/<model name>/results_<time>.json
+    return json.loads(path.read_text())["results"]
+
+
+@pytest.mark.slow  # ~45 s on 2 cores: two lm_eval task indexes
+def test_lm_eval_command_line_matches_simple_evaluate(model, tokenizer, task_files, tmp_path, monkeypatch):
+    """`kvlab-lm-eval` (the console script's function, in-process) with device=cpu in --model_args gives
+    simple_evaluate's acc/acc_norm; both equal kvlab's own scoring of the same rows."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from kvlab.eval.lm_eval_cli import main as lm_eval_main
+
+    run = tmp_path / "run"
+    save_model(run, model)
+    tokenizer.save(run)
+    names = {n: _lm_eval_yaml(tmp_path, n, task_files[n]) for n in ("arc_easy", "piqa")}
+    args = ["--model", "kvlab", "--model_args", f"run={run},device=cpu", "--tasks", ",".join(names.values())]
+    args += ["--include_path", str(tmp_path), "--batch_size", "4", "--output_path", str(tmp_path / "out")]
+    assert lm_eval_main(args) == 0  # lm_eval's --device defaults to cuda:0; model_args' device=cpu wins
+    cli = _results_file(tmp_path / "out")
+    api = lm_eval.simple_evaluate(
+        model="kvlab",
+        model_args=f"run={run},device=cpu",
+        tasks=list(names.values()),
+        batch_size=4,
+        device="cuda:0",  # what the CLI passes by default: no "multiple values for device"
+        task_manager=TaskManager(include_path=str(tmp_path)),
+    )["results"]
+    ours = evaluate_tasks(model, tokenizer, ",".join(f"{n}={task_files[n]}" for n in names), 64)
+    for n, t in names.items():
+        assert cli[t]["acc,none"] == api[t]["acc,none"] == pytest.approx(ours[n]["acc"]), n
+        assert cli[t]["acc_norm,none"] == api[t]["acc_norm,none"] == pytest.approx(ours[n]["acc_norm"]), n
+        assert cli[t]["alias"] == t and cli[t]["acc_stderr,none"] == api[t]["acc_stderr,none"]
+
+
+def test_lm_eval_model_args_override_the_cli_defaults(model, tokenizer, tmp_path):
+    pytest.importorskip("lm_eval")
+    from kvlab.eval.lm_eval_adapter import KvlabLM
+
+    run = tmp_path / "run"
+    save_model(run, model)
+    tokenizer.save(run)
+    cli_defaults = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}  # lm_eval's CLI passes these
+    lm = KvlabLM.create_from_arg_string(f"run={run},device=cpu,batch_size=3,max_length=40", cli_defaults)
+    assert (lm.device, lm.batch_size, lm.max_length) == (torch.device("cpu"), 3, 40)
+    lm = KvlabLM.create_from_arg_obj({"run": str(run)}, {"device": "cpu", "batch_size": 5})
+    assert (lm.device, lm.batch_size, lm.max_length) == (torch.device("cpu"), 5, 64)
+    torch.testing.assert_close(lm.model.wte.weight, model.wte.weight)  # the run's weights, loaded
+
+
+def test_kvlab_lm_eval_commands_run_lm_evals_cli(monkeypatch, capsys):
+    """`kvlab lm-eval ARGS` and `kvlab-lm-eval ARGS` hand ARGS (plus --model kvlab when absent) to lm_eval's
+    console entry with "kvlab" registered; pyproject names the console script."""
+    pytest.importorskip("lm_eval")
+    import lm_eval.__main__
+    from lm_eval.api.registry import get_model
+
+    from kvlab.cli import main
+    from kvlab.eval import lm_eval_cli
+
+    seen = []
+
+    def fake_cli_evaluate():
+        seen.append((list(sys.argv), get_model("kvlab").__name__))
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli_evaluate)
+    argv_before = list(sys.argv)
+    assert main(["lm-eval", "--model_args", "run=r,device=cpu", "--tasks", "piqa", "--limit", "5"]) == 0
+    assert lm_eval_cli.main(["run", "--model", "hf", "--tasks", "piqa"]) == 0
+    assert lm_eval_cli.main(["ls", "tasks"]) == 0
+    assert main(["lm-eval", "--help"]) == 0
+    assert seen == [
+        (
+            [
+                "kvlab lm-eval",
+                "--model",
+                "kvlab",
+                "--model_args",
+                "run=r,device=cpu",
+                "--tasks",
+                "piqa",
+                "--limit",
+                "5",
+            ],
+            "KvlabLM",
+        ),
+        (["kvlab-lm-eval", "run", "--model", "hf", "--tasks", "piqa"], "KvlabLM"),
+        (["kvlab-lm-eval", "ls", "tasks"], "KvlabLM"),
+        (["kvlab lm-eval", "--help"], "KvlabLM"),
+    ]
+    assert (
+        "kvlab lm-eval --model_args run=runs/gqa" in capsys.readouterr().out
+    )  # our examples before lm_eval's
+    assert sys.argv == argv_before
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: kvlab depends on tomli there
+        import tomli as tomllib
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["kvlab-lm-eval"] == "kvlab.eval.lm_eval_cli:main"
+
+
+def test_lm_evals_own_errors_are_one_line(monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    import lm_eval.__main__
+
+    from kvlab.cli import main
+
+    def unknown_task():
+        raise ValueError("Tasks not found: nosuch.\n  Try `lm-eval ls tasks`")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", unknown_task)
+    assert main(["lm-eval", "--model_args", "run=r", "--tasks", "nosuch"]) == 2
+    assert (
+        capsys.readouterr().err == "kvlab: error: lm_eval: Tasks not found: nosuch. Try `lm-eval ls tasks`\n"
+    )
+    with pytest.raises(ValueError, match="Tasks not found"):  # --debug keeps the traceback
+        main(["--debug", "lm-eval", "--tasks", "nosuch"])
+
+
+def test_kvlab_lm_eval_without_lm_eval_is_one_line(monkeypatch, capsys):
+    from kvlab.eval import lm_eval_cli
+
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", None)  # import fails as if not installed
+    assert lm_eval_cli.main(["--tasks", "piqa"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kvlab-lm-eval: error: lm_eval is not installed")

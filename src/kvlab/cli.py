@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "kvlab.models.cli",
     "kvlab.train.cli",
     "kvlab.eval.cli",
+    "kvlab.eval.lm_eval_cli",
     "kvlab.commands.generate",
     "kvlab.commands.export",
     "kvlab.bench.cli",

@@ -1,9 +1,11 @@
 """An lm-evaluation-harness model backed by a kvlab run: `--model kvlab --model_args run=RUN`.
 
 Importing this module registers the model under the name "kvlab" in lm_eval's registry (lm_eval has
-no plugin entry points, so the import is what makes the name known). From a shell:
+no plugin entry points, so the import is what makes the name known; a bare `lm_eval --model kvlab`
+fails). From a shell, `kvlab lm-eval` or `kvlab-lm-eval` (kvlab.eval.lm_eval_cli) registers it and runs
+lm_eval's own command line:
 
-    python -m kvlab.eval.lm_eval_adapter --model kvlab --model_args run=runs/gqa --tasks piqa --limit 50
+    kvlab-lm-eval --model kvlab --model_args run=runs/gqa --tasks piqa --limit 50
 
 takes exactly lm_eval's command-line arguments; from Python, `import kvlab.eval.lm_eval_adapter` and
 then `lm_eval.simple_evaluate(model="kvlab", model_args="run=runs/gqa", tasks=[...])`.
@@ -12,7 +14,8 @@ The scoring is kvlab's (kvlab.eval.lm.loglikelihood_tokens, which follows lm-eva
 context/continuation split with trailing spaces moved to the continuation, left truncation to the
 model's context, an empty context replaced by the end-of-text token); generation is kvlab's cached
 decoding. model_args: run (required), device, max_length (default: the model's block_size); the batch
-size is lm_eval's own --batch_size.
+size is lm_eval's own --batch_size. A device or batch_size in model_args wins over lm_eval's --device and
+--batch_size (its CLI always passes both, --device defaulting to cuda:0).
 """
 
 from __future__ import annotations
@@ -69,6 +72,19 @@ class KvlabLM(LM):
         self.max_length = int(max_length or model.config.block_size)
         self._device = next(model.parameters()).device
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> KvlabLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> KvlabLM:
+        """model_args first; lm_eval's own options (device, batch_size, ...) fill only what they leave
+        unset. lm_eval's base class passes both, so `device=cpu` in model_args raised a TypeError."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
     @property
     def device(self) -> torch.device:
         return self._device
@@ -123,14 +139,9 @@ if __name__ != "__main__":  # registered once, under this module's import name (
     KvlabLM = register_model("kvlab")(KvlabLM)
 
 
-def main() -> None:
-    """lm_eval's command line with the "kvlab" model registered."""
-    from lm_eval.__main__ import cli_evaluate
+if __name__ == "__main__":  # `python -m kvlab.eval.lm_eval_adapter ...` is `kvlab-lm-eval ...`
+    import sys
 
-    cli_evaluate()
+    from kvlab.eval.lm_eval_cli import main
 
-
-if __name__ == "__main__":
-    import kvlab.eval.lm_eval_adapter  # noqa: F401  (registers "kvlab")
-
-    main()
+    sys.exit(main())

@@ -5,12 +5,16 @@ environment. Before any of the submission's code runs, the child imports everyth
 itself in: Landlock confines writes to the run directory in the kernel (C-level writes such as torch.save
 included), and a Python audit hook refuses subprocesses, sockets, signals, library loading and writes
 outside the run directory, remembering each attempt. Then: load + build, one forward, declared and
-measured KV metrics, optionally kvlab's training loop, cache-free generation; `harness.json` holds it all.
-Exit status: 0 ok, 3 crashed, 4 violation, 5 memory (the parent reads timeouts from signals).
+measured KV metrics, the file's own cache where it implements kvlab's cache interface (harness/cached.py),
+optionally kvlab's training loop, and generation: cached decoding through that cache when it decodes as
+the full forward does, else cache-free (seed 000's method); `harness.json` holds it all.
+Exit status: 0 ok, 3 crashed, 4 violation, 5 memory, 6 disk (a write past RLIMIT_FSIZE failed with EFBIG;
+the parent reads timeouts from signals).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -21,7 +25,7 @@ from pathlib import Path
 
 JOB_FILE = "job.json"
 RESULT_FILE = "harness.json"
-EXIT_OK, EXIT_CRASHED, EXIT_VIOLATION, EXIT_MEMORY = 0, 3, 4, 5
+EXIT_OK, EXIT_CRASHED, EXIT_VIOLATION, EXIT_MEMORY, EXIT_DISK = 0, 3, 4, 5, 6
 
 _BLOCKED_EVENTS = (
     "subprocess.Popen",
@@ -107,7 +111,7 @@ def lock_in(root: str, device: str) -> dict:
     return {"landlock_abi": abi, "audit_hook": True, "writable": [root]}
 
 
-def _classify(exc: BaseException) -> tuple[int, str]:
+def _classify(exc: BaseException, root: Path | None = None, file_bytes: int | None = None) -> tuple[int, str]:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
     chain = [exc, *(_causes(exc))]
     if violations or any(isinstance(e, PermissionError) or "Permission denied" in str(e) for e in chain):
@@ -115,6 +119,9 @@ def _classify(exc: BaseException) -> tuple[int, str]:
         return EXIT_VIOLATION, f"violation: a write or escape outside the run directory was refused ({first})"
     if any(isinstance(e, MemoryError) or _is_alloc_failure(e) for e in chain):
         return EXIT_MEMORY, f"memory: the memory limit was hit ({text})"
+    at_limit = _file_at_limit(root, file_bytes)
+    if at_limit is not None or any(_is_file_too_large(e) for e in chain):
+        return EXIT_DISK, _disk_line(at_limit, file_bytes, text)
     return EXIT_CRASHED, f"crashed: {text}"
 
 
@@ -129,11 +136,39 @@ def _is_alloc_failure(e: BaseException) -> bool:
     return "can't allocate memory" in s or "out of memory" in s or "cannot allocate memory" in s
 
 
+def _is_file_too_large(e: BaseException) -> bool:
+    """EFBIG from Python, or from a Rust writer (safetensors) that reports it as text."""
+    return (isinstance(e, OSError) and e.errno == errno.EFBIG) or "file too large" in str(e).lower()
+
+
+def _file_at_limit(root: Path | None, file_bytes: int | None) -> Path | None:
+    """A file under root as large as RLIMIT_FSIZE allows: a write stopped there (torch.save's C++ writer
+    reports only an 'unexpected pos' error, and a submission may swallow the error altogether)."""
+    if root is None or file_bytes is None:
+        return None
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            try:
+                if path.lstat().st_size >= file_bytes:
+                    return path
+            except OSError:
+                continue
+    return None
+
+
+def _disk_line(path: Path | None, file_bytes: int | None, text: str | None = None) -> str:
+    what = f"{path.name} reached" if path is not None else "a file reached"
+    limit = "" if file_bytes is None else f" of {file_bytes / (1 << 20):g} MiB"
+    return f"disk: {what} the file-size limit{limit}" + (f" ({text})" if text else "")
+
+
 def run_job(job: dict, root: Path, result: dict) -> None:
     """Fill `result` stage by stage (so a failure still says how far it got)."""
     import torch
 
     from kvlab.config import ModelConfig, TrainConfig
+    from kvlab.harness.cached import cache_report, compare_cache, usable
     from kvlab.harness.loader import AttentionLoadError, build_seed_model
     from kvlab.harness.metrics import compare, declared_metrics, diagnostics, measure_kv
 
@@ -162,6 +197,12 @@ def run_job(job: dict, root: Path, result: dict) -> None:
         measured=measured,
         kv_flags=compare(declared, measured) if measured else [],
     )
+    cache = None
+    if job.get("measure") or job.get("generate"):
+        result["stage"] = "cache"
+        cache = cache_report(model)
+        result["cache"] = cache
+        result["kv_flags"] += compare_cache(declared, cache)
     if job.get("train"):
         result["stage"] = "train"
         from kvlab.train.checkpointing import read_metrics
@@ -182,25 +223,40 @@ def run_job(job: dict, root: Path, result: dict) -> None:
         result["train"] = history[-1] if history else None
     if job.get("generate"):
         result["stage"] = "generate"
-        result["generation"] = _nocache_speed(model, job, model_cfg)
+        result["generation"] = _generation_speed(model, job, model_cfg, cached=usable(cache))
     result["stage"] = "done"
 
 
-def _nocache_speed(model, job: dict, model_cfg) -> dict:
+NOCACHE_METHOD = "seed-000: cache-free greedy decoding, each step reruns the cropped context (eager)"
+CACHED_METHOD = (
+    "kvlab: cached greedy decoding through the file's new_state cache (prefill, then one token a step)"
+)
+
+
+def _generation_speed(model, job: dict, model_cfg, cached: bool) -> dict:
+    """Cached decoding where the file's cache checked out (seed 000's cache-free figure next to it);
+    otherwise the cache-free figure alone, labelled as seed 000's method."""
     import torch
 
-    from kvlab.eval.speed import nocache_speed
+    from kvlab.eval.speed import generation_speed, nocache_speed
 
     model.eval()
+    device = next(model.parameters()).device
     tokens = torch.randint(
         0, model_cfg.vocab_size, (model_cfg.block_size,), generator=torch.Generator().manual_seed(0)
-    )
-    out = nocache_speed(
-        model, tokens, prompt_len=job.get("prompt_len", 128), new_tokens=job.get("new_tokens", 128)
-    )
+    ).to(device)
+    shape = {"prompt_len": job.get("prompt_len", 128), "new_tokens": job.get("new_tokens", 128)}
+    nocache = nocache_speed(model, tokens, **shape)["nocache_toks_per_s"]
+    if not cached:
+        return {"generation_toks_per_s": nocache, "method": NOCACHE_METHOD}
+    out = generation_speed(model, tokens, **shape)
     return {
-        "generation_toks_per_s": out["nocache_toks_per_s"],
-        "method": "seed-000: cache-free greedy decoding, each step reruns the cropped context (eager)",
+        "generation_toks_per_s": out["generation_toks_per_s"],
+        "method": CACHED_METHOD,
+        "prompt_tokens": out["generation_prompt_tokens"],
+        "new_tokens": out["generation_new_tokens"],
+        "nocache_toks_per_s": nocache,
+        "nocache_method": NOCACHE_METHOD,
     }
 
 
@@ -212,6 +268,7 @@ def main() -> int:
 
     import kvlab.checkpoint as checkpoint
     import kvlab.eval.speed  # noqa: F401
+    import kvlab.harness.cached  # noqa: F401
     import kvlab.harness.loader  # noqa: F401
     import kvlab.harness.metrics  # noqa: F401
     import kvlab.train.loop  # noqa: F401
@@ -225,8 +282,10 @@ def main() -> int:
         run_job(job, root, result)
         if violations:  # attempts the submission caught and hid still count
             code, verdict = _classify(ContainmentViolation(violations[0]))
+        elif (at_limit := _file_at_limit(root, job.get("file_bytes"))) is not None:  # a hidden EFBIG too
+            code, verdict = EXIT_DISK, _disk_line(at_limit, job.get("file_bytes"))
     except BaseException as e:  # noqa: BLE001 - every failure of the submission becomes a verdict
-        code, verdict = _classify(e)
+        code, verdict = _classify(e, root, job.get("file_bytes"))
         result["traceback"] = traceback.format_exc()[-4000:]
     result.update(
         verdict=verdict.split(":")[0],

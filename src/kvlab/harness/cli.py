@@ -75,6 +75,8 @@ def train_attention_file(args, model_cfg, train_cfg, data_dir, extra) -> int:
             f"  head_sharing_ratio {declared['head_sharing_ratio']:g}, "
             f"latent_rank_ratio {declared['latent_rank_ratio']:g}"
         )
+        if r.get("cache"):
+            print(f"  cache: {_cache_line(r['cache'])}")
         for flag in r.get("kv_flags", []):
             print(f"  {flag}")
     if r.get("train"):
@@ -82,9 +84,23 @@ def train_attention_file(args, model_cfg, train_cfg, data_dir, extra) -> int:
     if r.get("generation"):
         g = r["generation"]
         print(f"  generation_toks_per_s {g['generation_toks_per_s']:.1f} ({g['method']})")
+        if "nocache_toks_per_s" in g:
+            print(f"  nocache_toks_per_s {g['nocache_toks_per_s']:.1f} ({g['nocache_method']})")
     if outcome.verdict != "ok" and outcome.output:
         print(outcome.output.rstrip()[-1500:])
     return 0 if outcome.verdict == "ok" else 1
+
+
+def _cache_line(cache: dict) -> str:
+    if not cache.get("interface"):
+        return f"none ({cache['reason']}); generation timed cache-free, seed 000's method"
+    if cache.get("error"):
+        return cache["error"]
+    same = "equals" if cache["decode_matches_full"] else "DIFFERS from"
+    return (
+        f"{cache['kv_bytes_per_token']:g} B/token held by the file's cache after a real prefill; "
+        f"cached decoding {same} the full forward"
+    )
 
 
 def _auto_device() -> str:

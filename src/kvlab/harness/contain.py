@@ -3,9 +3,11 @@
 `run_contained` copies the file into the run directory, writes the job, and starts
 `python -m kvlab.harness.child` there with: cwd, HOME and TMPDIR inside the run directory; a scrubbed
 environment; RLIMIT_CPU, RLIMIT_AS (CPU jobs; CUDA reserves address space, so GPU jobs rely on the wall
-clock and the device's own limit), no core files; a wall-clock timeout that kills the whole process
-group. The child adds Landlock and an audit hook (child.py). The outcome is one verdict:
-ok / timeout / memory / crashed / violation, with a one-line reason.
+clock and the device's own limit), RLIMIT_FSIZE (no file larger than `file_bytes`), no core files; a
+wall-clock timeout and a run-directory size cap (`disk_bytes`, polled) that kill the whole process group.
+The child's output is streamed and only a bounded tail kept, so a chatty child cannot grow the parent.
+The child adds Landlock and an audit hook (child.py). The outcome is one verdict:
+ok / timeout / memory / disk / crashed / violation, with a one-line reason.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +31,11 @@ from kvlab.errors import KvlabError
 from kvlab.harness import child
 from kvlab.harness.validate import validate_file
 
-VERDICTS = ("ok", "timeout", "memory", "crashed", "violation")
+VERDICTS = ("ok", "timeout", "memory", "disk", "crashed", "violation")
 ATTENTION_COPY = "attention.py"
+OUTPUT_TAIL_BYTES = 64 << 10  # of the child's stdout+stderr kept (the rest is counted, not stored)
+POLL_S = 0.25  # how often the parent checks the wall clock and the run directory's size
+MAX_RUN_FILES = 100_000  # more entries than this in the run directory counts as filling it
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,11 @@ class Limits:
     wall_s: float = 3600.0  # wall clock; the process group is killed past it
     memory_bytes: int | None = 16 << 30  # RLIMIT_AS for CPU jobs (None: no limit)
     threads: int = 1
+    # RLIMIT_FSIZE: no single file past this (a write beyond it fails with EFBIG); 16 GiB holds a 345M
+    # model's checkpoint (1.4 GB weights, 2.8 GB optimizer state) with room to spare
+    file_bytes: int | None = 16 << 30
+    # the run directory's total disk use (polled every POLL_S; capped further to 95% of the free space)
+    disk_bytes: int | None = 64 << 30
 
 
 @dataclass
@@ -48,7 +59,8 @@ class Outcome:
     returncode: int | None
     elapsed_s: float
     result: dict[str, Any] = field(default_factory=dict)  # harness.json (the child's report)
-    output: str = ""  # the child's stdout+stderr tail
+    output: str = ""  # the child's stdout+stderr tail (last 4000 characters)
+    output_bytes: int = 0  # how much the child printed in all
 
 
 class ContainmentError(KvlabError):
@@ -80,8 +92,63 @@ def _limit(limits: Limits, cuda: bool):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if limits.memory_bytes is not None and not cuda:
             resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+        if limits.file_bytes is not None:  # Python ignores SIGXFSZ: an oversized write raises EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
 
     return apply
+
+
+class _Tail:
+    """Drains a pipe on a thread, keeping only its last `keep` bytes and counting the rest."""
+
+    def __init__(self, pipe, keep: int = OUTPUT_TAIL_BYTES):
+        self.pipe, self.keep = pipe, keep
+        self.buf = bytearray()
+        self.total = 0
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        fd = self.pipe.fileno()
+        while chunk := os.read(fd, 1 << 16):
+            self.total += len(chunk)
+            self.buf += chunk
+            if len(self.buf) > 2 * self.keep:  # trim in batches: amortised O(1) per byte
+                del self.buf[: -self.keep]
+
+    def text(self, join_s: float = 5.0) -> str:
+        self.thread.join(join_s)
+        return bytes(self.buf[-self.keep :]).decode(errors="replace")
+
+
+def disk_use(root: Path, max_entries: int = MAX_RUN_FILES) -> int | None:
+    """Bytes on disk under root (allocated blocks, symlinks not followed); None past max_entries entries."""
+    total, entries, stack = 0, 0, [str(root)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    if entries > max_entries:
+                        return None
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:  # removed while we looked
+                        continue
+                    total += st.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return total
+
+
+def _disk_cap(run_dir: Path, limits: Limits) -> int | None:
+    """limits.disk_bytes, but never more than what is there now plus 95% of the file system's free space."""
+    if limits.disk_bytes is None:
+        return None
+    room = int(shutil.disk_usage(run_dir).free * 0.95) + (disk_use(run_dir) or 0)
+    return min(limits.disk_bytes, room)
 
 
 def run_contained(
@@ -120,9 +187,11 @@ def run_contained(
         "generate": generate,
         "device": device,
         "num_threads": limits.threads,
+        "file_bytes": limits.file_bytes,
         **job_options,
     }
     (run_dir / child.JOB_FILE).write_text(json.dumps(job, indent=2) + "\n")
+    disk_cap = _disk_cap(run_dir, limits)
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvlab.harness.child"],
@@ -134,18 +203,29 @@ def run_contained(
         preexec_fn=_limit(limits, device.startswith("cuda")),
         start_new_session=True,  # its own process group: the timeout kills everything it started
     )
-    timed_out = False
-    try:
-        out, _ = proc.communicate(timeout=limits.wall_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+    tail = _Tail(proc.stdout)
+    stopped = None  # why the parent killed the run: "wall", "disk" or "files"
+    while True:
+        try:
+            proc.wait(timeout=POLL_S)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if time.perf_counter() - start > limits.wall_s:
+            stopped = "wall"
+        elif disk_cap is not None:
+            used = disk_use(run_dir)
+            stopped = "files" if used is None else "disk" if used > disk_cap else None
+        if stopped:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            break
     elapsed = time.perf_counter() - start
-    output = out.decode(errors="replace")[-4000:]
+    output = tail.text()[-4000:]
+    proc.stdout.close()
     result = _read_result(run_dir)
-    verdict, line = _verdict(proc.returncode, timed_out, limits, result, output)
-    return Outcome(verdict, line, run_dir, proc.returncode, elapsed, result, output)
+    verdict, line = _verdict(proc.returncode, stopped, limits, result, output, disk_cap)
+    return Outcome(verdict, line, run_dir, proc.returncode, elapsed, result, output, tail.total)
 
 
 def _read_result(run_dir: Path) -> dict[str, Any]:
@@ -155,12 +235,30 @@ def _read_result(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _verdict(code: int | None, timed_out: bool, limits: Limits, result: dict, output: str) -> tuple[str, str]:
-    if timed_out:
+def _verdict(
+    code: int | None,
+    stopped: str | None,
+    limits: Limits,
+    result: dict,
+    output: str,
+    disk_cap: int | None = None,
+) -> tuple[str, str]:
+    if stopped == "wall":
         return "timeout", f"timeout: wall clock limit of {limits.wall_s:g} s exceeded; the run was killed"
+    if stopped == "disk":
+        return "disk", f"disk: the run directory grew past {_mib(disk_cap)}; the run was killed"
+    if stopped == "files":
+        return "disk", f"disk: the run directory holds more than {MAX_RUN_FILES} entries; the run was killed"
     if code == -signal.SIGXCPU:
         return "timeout", f"timeout: CPU time limit of {limits.cpu_s} s exceeded (SIGXCPU)"
-    by_code = {child.EXIT_CRASHED: "crashed", child.EXIT_VIOLATION: "violation", child.EXIT_MEMORY: "memory"}
+    if code == -signal.SIGXFSZ:
+        return "disk", f"disk: a file reached the file-size limit of {_mib(limits.file_bytes)} (SIGXFSZ)"
+    by_code = {
+        child.EXIT_CRASHED: "crashed",
+        child.EXIT_VIOLATION: "violation",
+        child.EXIT_MEMORY: "memory",
+        child.EXIT_DISK: "disk",
+    }
     if code == child.EXIT_OK and result.get("verdict") == "ok":
         return "ok", "ok"
     if code in by_code:
@@ -173,3 +271,7 @@ def _verdict(code: int | None, timed_out: bool, limits: Limits, result: dict, ou
         return "crashed", f"crashed: killed by {name}"
     last = output.strip().splitlines()[-1] if output.strip() else "no output"
     return "crashed", f"crashed: the child exited with status {code} ({last[:300]})"
+
+
+def _mib(n: int | None) -> str:
+    return "none" if n is None else f"{n / (1 << 20):g} MiB"

@@ -4,13 +4,17 @@
 nn, F and a reduced set of builtins. `SeedGPT` is nanoGPT's GPT-2 (learned positions unless the modules
 set use_pos_emb False, pre-LN blocks, 4x GELU MLP, tied head, N(0, 0.02) init with residual projections
 scaled by 1/sqrt(2 n_layer)) with the file's CausalSelfAttention in every block. It exposes kvlab's model
-interface (`config`, `forward(idx) -> logits`) so kvlab's training loop and evaluations drive it.
+interface (`config`, `forward(idx) -> logits`) so kvlab's training loop and evaluations drive it; where the
+file implements kvlab's cache interface (`cache_interface`), also `new_cache` and `forward(idx, cache=)`,
+so kvlab's `generate` decodes it through the file's own cache.
 """
 
 from __future__ import annotations
 
 import builtins
 import hashlib
+import inspect
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kvlab.cache import CacheError, KVCache
 from kvlab.config import ModelConfig
 from kvlab.errors import KvlabError
 from kvlab.harness.template import REQUIRED_CLASS, REQUIRED_FUNCTIONS, read_region
@@ -76,6 +81,50 @@ def load_attention(path: str | Path) -> LoadedAttention:
     return LoadedAttention(region.path, digest, namespace)
 
 
+def cache_interface(cls: type) -> str | None:
+    """None when the class implements kvlab's cache interface, else why it does not.
+
+    The interface (kvlab's KVStructure, reduced to what a region can write): `new_state(batch_size,
+    max_len, device, dtype)` returns a dict of preallocated tensors -- everything the layer keeps for
+    max_len tokens ({} for a layer that keeps nothing) -- and `forward(x, state=None, pos=0)` with a state
+    treats x as the tokens at positions pos..pos+T-1: it writes what it keeps for them into the state's
+    tensors at [pos, pos+T) and attends over positions 0..pos+T-1. Without a state it is seed 000's forward.
+    """
+    if not callable(getattr(cls, "new_state", None)):
+        return f"{cls.__name__} defines no new_state(batch_size, max_len, device, dtype)"
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return f"{cls.__name__}.forward has no inspectable signature"
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not (takes_kwargs or {"state", "pos"} <= set(params)):
+        return f"{cls.__name__}.forward takes no state= and pos= arguments"
+    return None
+
+
+class FileState:
+    """One layer's cache: the dict its new_state returned (the layer writes into it); nbytes() counts
+    every tensor in it when asked, so tensors a layer adds during forward are counted too."""
+
+    def __init__(self, tensors: Any, layer_idx: int):
+        if not (isinstance(tensors, dict) and all(isinstance(t, torch.Tensor) for t in tensors.values())):
+            raise AttentionLoadError(
+                f"layer {layer_idx}: new_state must return a dict of tensors, got {type(tensors).__name__}"
+            )
+        self.tensors = tensors
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def numbers(self) -> int:
+        """Floating-point numbers held (what seed 000's accounting counts at 2 bytes each)."""
+        return sum(t.numel() for t in self.tensors.values() if t.is_floating_point())
+
+    def other_bytes(self) -> int:
+        """Bytes of non-floating tensors (e.g. integer positions), counted as they are."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values() if not t.is_floating_point())
+
+
 def seed_config(model_cfg: ModelConfig, **extra: Any) -> SimpleNamespace:
     """The `config` object the region's functions receive: nanoGPT's GPTConfig fields plus `extra`
     (e.g. kv_lora_rank=256 for the 124M pilot's MLA), read by attribute as in the seed."""
@@ -102,8 +151,10 @@ class SeedBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = SeedMLP(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, state=None, pos: int = 0):
+        h = self.ln_1(x)
+        # the contract's call, forward(x), unless a cache is in use (kvlab's cache interface)
+        x = x + (self.attn(h) if state is None else self.attn(h, state=state, pos=pos))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -138,6 +189,8 @@ class SeedGPT(nn.Module):
                 f"{loaded.path}: layers disagree on use_pos_emb; set it the same in every layer"
             )
         self.uses_learned_positions = flags.pop()
+        self.cache_unsupported = cache_interface(cls)  # None: the file implements kvlab's cache interface
+        self._structure = f"{loaded.sha256}|{json.dumps(cfg.to_dict(), sort_keys=True)}|{extra!r}"
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if self.uses_learned_positions else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -158,17 +211,47 @@ class SeedGPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, vocab); the contract's forward has no cache."""
+    @property
+    def supports_cache(self) -> bool:
+        return self.cache_unsupported is None
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None, dtype=None, device=None) -> KVCache:
+        """A cache of every layer's new_state (kvlab's cache interface), as kvlab's GPT.new_cache."""
+        if self.cache_unsupported is not None:
+            raise CacheError(f"{self.attention_file}: no cache: {self.cache_unsupported}")
+        param = self.wte.weight
+        max_len = max_len or self.config.block_size
+        device = torch.device(device) if device is not None else param.device
+        dtype = dtype or param.dtype
+        states = [
+            FileState(b.attn.new_state(batch_size, max_len, device, dtype), i)
+            for i, b in enumerate(self.blocks)
+        ]
+        n = len(states)
+        return KVCache(states, list(range(n)), batch_size, max_len, structure=self._structure, device=device)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, vocab). The contract's forward has no cache; with one (a file that
+        implements kvlab's cache interface) idx continues the cached tokens and is appended to them."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise KvlabError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        pos = 0
+        if cache is not None:
+            if self.cache_unsupported is not None:
+                raise CacheError(f"{self.attention_file}: no cache: {self.cache_unsupported}")
+            cache.check_model(self._structure, idx.device)
+            cache.check_append(B, T)
+            pos = cache.pos
+        # learned positions end at block_size; RoPE files may decode past it through a cache, as kvlab's GPT
+        if (cache is None or self.wpe is not None) and pos + T > self.config.block_size:
+            raise KvlabError(f"sequence length {pos + T} exceeds block_size={self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.states[i].tensors if cache is not None else None, pos)
+        if cache is not None:
+            cache.advance(T)
         return self.lm_head(self.ln_f(x))
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -3,6 +3,17 @@
 Edit only between the two region markers. Everything outside the region is the frozen harness: the
 loader runs the region with exactly the names imported below (math, torch, nn, F) and nothing else.
 Check a file with `kvlab validate FILE`; train it with `kvlab train --attention-file FILE --out RUN`.
+
+Seed 000's contract is `CausalSelfAttention(config, layer_idx=0)` with `forward(x)`, (B, T, C) -> (B, T, C).
+This fill also implements kvlab's cache interface (optional; delete `new_state` and the `state`/`pos`
+arguments and the file is still a valid seed-000 file, timed cache-free):
+  new_state(batch_size, max_len, device, dtype) -> dict of preallocated tensors: all the layer keeps for
+      max_len tokens ({} for a layer that keeps nothing);
+  forward(x, state=None, pos=0): with a state, x holds positions pos..pos+T-1; write what they leave into
+      the state's tensors at [pos, pos+T) and attend over positions 0..pos+T-1.
+Then the harness measures the bytes the cache really holds, checks cached decoding against the full
+forward, and times cached decoding. If you change what K/V hold (e.g. in latent_kv_project), change
+new_state to match.
 """
 
 import torch
@@ -51,8 +62,17 @@ def apply_rotary(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def causal_attention(q, k, v, dropout_p, scale=None):
+    """SDPA where the T queries are the last T of the S positions in k/v (T == S without a cache)."""
+    T, S = q.size(-2), k.size(-2)
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # query t sees keys <= S - T + t
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
 class CausalSelfAttention(nn.Module):
-    """DeepSeek-V2 style latent attention: the cache would hold c_kv (kv_lora_rank) + one RoPE key."""
+    """DeepSeek-V2 style latent attention: the cache holds c_kv (kv_lora_rank) + one RoPE key per token."""
 
     # layer_idx -> detached (c_kv, k_pe) of the last forward, kept only for a next layer that shares it
     _lent_latent = {}
@@ -94,36 +114,48 @@ class CausalSelfAttention(nn.Module):
         self._last_kv_storage_ratio = kept / (2 * self.n_head * self.head_dim)  # vs MHA's K and V
         self._uses_latent_compression = True
 
-    def forward(self, x):
+    def new_state(self, batch_size, max_len, device, dtype):
+        """kvlab's cache interface: the latent c_kv and the one shared RoPE key for max_len tokens (what
+        DeepSeek-V2 caches); a layer reusing the previous layer's latent keeps nothing."""
+        if self.share_across_layers:
+            return {}
+        return {
+            "c_kv": torch.zeros(batch_size, max_len, self.kv_lora_rank, device=device, dtype=dtype),
+            "k_pe": torch.zeros(batch_size, 1, max_len, self.qk_rope_head_dim, device=device, dtype=dtype),
+        }
+
+    def forward(self, x, state=None, pos=0):
+        """(B, T, C) -> (B, T, C). With a state (kvlab's cache), x holds positions pos..pos+T-1."""
         B, T, C = x.size()
+        S = pos + T  # the queries see positions 0..S-1
         nope, rope, hv = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
-        cos, sin = rotary_cos_sin(T, rope, x.device, x.dtype)
+        cos, sin = rotary_cos_sin(S, rope, x.device, x.dtype)
+        cos, sin = cos[pos:], sin[pos:]  # (T, rope): the angles of x's positions
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # (B, T, nh * (nope + rope))
         q = q.view(B, T, self.n_head, nope + rope).transpose(1, 2)  # (B, nh, T, nope + rope)
         q_nope, q_pe = q.split([nope, rope], dim=-1)
         if self.share_across_layers:
-            c_kv, k_pe = CausalSelfAttention._lent_latent[self.layer_idx - 1]
+            c_kv, k_pe = CausalSelfAttention._lent_latent[self.layer_idx - 1]  # (B, S, rank), (B, 1, S, rope)
         else:
             c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, rope], dim=-1)
-            c_kv = self.kv_a_layernorm(c_kv)  # (B, T, kv_lora_rank): what a cache would keep
+            c_kv = self.kv_a_layernorm(c_kv)  # (B, T, kv_lora_rank): what the cache keeps
             k_pe = apply_rotary(k_pe.unsqueeze(1), cos.to(k_pe.dtype), sin.to(k_pe.dtype))  # (B, 1, T, rope)
+            if state is not None:  # append the new tokens' latent and RoPE key, then read every position
+                state["c_kv"][:, pos:S] = c_kv
+                state["k_pe"][:, :, pos:S] = k_pe
+                c_kv = state["c_kv"][:, :S].to(x.dtype)  # (B, S, kv_lora_rank)
+                k_pe = state["k_pe"][:, :, :S].to(x.dtype)  # (B, 1, S, rope)
         if self.lends_kv:
             CausalSelfAttention._lent_latent[self.layer_idx] = (c_kv.detach(), k_pe.detach())
-        kv = self.kv_b_proj(c_kv).view(B, T, self.n_head, nope + hv).transpose(1, 2)  # (B, nh, T, nope+hv)
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_head, nope + hv).transpose(1, 2)  # (B, nh, S, nope+hv)
         k_nope, v = kv.split([nope, hv], dim=-1)
         q_pe = apply_rotary(q_pe, cos.to(q_pe.dtype), sin.to(q_pe.dtype))
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, nh, T, nope + rope)
-        k = torch.cat([k_nope, k_pe.expand(B, self.n_head, T, rope)], dim=-1)  # (B, nh, T, nope + rope)
+        k = torch.cat([k_nope, k_pe.expand(B, self.n_head, S, rope)], dim=-1)  # (B, nh, S, nope + rope)
         self._last_latent_rank_ratio = self.kv_lora_rank / (self.head_dim + self.qk_rope_head_dim)
         self._uses_latent_compression = True
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=True,
-            scale=self.softmax_scale,
-        )  # (B, nh, T, hv)
+        dropout = self.dropout if self.training else 0.0
+        y = causal_attention(q, k, v, dropout, scale=self.softmax_scale)  # (B, nh, T, hv)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hv)
         return self.resid_dropout(self.c_proj(y))
 
