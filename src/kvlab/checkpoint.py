@@ -150,6 +150,15 @@ def _is_hf_dir(path: Path) -> bool:
     return isinstance(config, dict) and "model_type" in config and "model" not in config
 
 
+def names_hf_model(source: str | Path) -> bool:
+    """Whether source means a transformers model (`hf:...`, a fetchable model's name or a transformers
+    model directory) rather than a kvlab run, decided without fetching or loading anything."""
+    from kvlab.models import MODELS
+
+    spec = str(source)
+    return spec.startswith("hf:") or spec in MODELS or _is_hf_dir(Path(spec))
+
+
 def resolve_source(source: str | Path) -> tuple[str, Path]:
     """What a model argument names: ("hf", DIR) for `hf:DIR`, a fetchable model name (kvlab models list;
     fetched on first use) or a transformers model directory; ("run", DIR) for a kvlab run directory."""
@@ -211,3 +220,4 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
     if tied:
         model.lm_head.weight = model.wte.weight
     return model.eval()
+
