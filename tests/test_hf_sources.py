@@ -135,6 +135,19 @@ def test_tokenizer_larger_than_the_models_vocabulary_is_one_line_at_load(tmp_pat
     assert "corpus" not in err
 
 
+def test_export_refuses_a_tokenizer_that_does_not_fit_and_writes_nothing(tmp_path, capsys):
+    _hf_llama(tmp_path / "llama", tokens=TOKENS, vocab=270)
+    for fmt in ("hf", "kvlab"):
+        assert main(["export", f"hf:{tmp_path / 'llama'}", "--format", fmt, str(tmp_path / fmt)]) == 2
+        assert "its tokenizer has 280 tokens but the model's vocabulary has 270" in _one_error_line(capsys)
+        assert not (tmp_path / fmt).exists()
+    _tokenizer(260).save(str(tmp_path / "llama" / "tokenizer.json"))  # one that fits: exported with it
+    assert main(["export", f"hf:{tmp_path / 'llama'}", "--format", "hf", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (
+        tmp_path / "llama" / "tokenizer.json"
+    ).read_bytes()
+
+
 def test_run_whose_tokenizer_differs_from_its_training_data_is_one_line(tmp_path, capsys):
     """In a run directory the tokenizer must be the one its data was made with (config.json data.vocab_size),
     even when it is smaller than the model's vocabulary."""
