@@ -184,6 +184,87 @@ def test_bad_checkpoints_get_one_line(tmp_path):
     _one_line_error(_llama(head_dim=16), "head_dim=16")
 
 
+def _saved_llama(tmp_path, name="llama"):
+    hf = _randomise(_llama())
+    hf.save_pretrained(tmp_path / name)
+    return hf, tmp_path / name
+
+
+def _edit_config(directory, **fields):
+    import json
+
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize(
+    "field, value, tensor, shapes, fix",
+    [  # _llama(): hidden 32, 4 heads of 8, 2 KV heads, intermediate 48, 2 layers, vocab 101
+        ("intermediate_size", 64, "mlp.down_proj.weight", "(32, 48) in the checkpoint but config.json makes "
+         "it (32, 64) (and 5 more)", "set intermediate_size to 48 in config.json (it says 64)"),
+        ("num_key_value_heads", 4, "self_attn.k_proj.weight", "(16, 32) in the checkpoint but config.json "
+         "makes it (32, 32) (and 3 more)", "set num_key_value_heads to 2 in config.json (it says 4)"),
+        ("vocab_size", 120, "lm_head.weight", "(101, 32) in the checkpoint but config.json makes it "
+         "(120, 32) (and 1 more)", "set vocab_size to 101 in config.json (it says 120)"),
+    ],
+)  # fmt: skip
+def test_config_that_disagrees_with_its_weights_names_tensor_shapes_and_field(
+    tmp_path, capfd, field, value, tensor, shapes, fix
+):
+    """transformers prints an 11-line LOAD REPORT and raises "ignore_mismatched_sizes"; kvlab says, in one
+    line and nothing else on the terminal, which tensor, both shapes and the config.json field to fix."""
+    _, directory = _saved_llama(tmp_path)
+    _edit_config(directory, **{field: value})
+    capfd.readouterr()
+    with pytest.raises(ConvertError) as e:
+        from_hf(f"hf:{directory}")
+    msg = str(e.value)
+    assert "\n" not in msg and "config.json does not match the weights" in msg, msg
+    assert f"{tensor} has shape {shapes}; {fix}" in msg, msg
+    assert "truncated" not in msg  # not the wrong diagnosis
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)  # transformers' report and progress bar stay silent
+
+
+def test_missing_or_extra_tensors_are_refused_not_random_initialised(tmp_path, capfd):
+    """transformers loads a checkpoint lacking a tensor with that tensor random-initialised (and drops
+    tensors beyond config.json) after a warning; kvlab refuses both, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    hf, directory = _saved_llama(tmp_path)
+    weights = directory / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ConvertError) as e:
+        from_hf(directory)
+    assert str(e.value).endswith(
+        "the weights lack model.layers.1.mlp.up_proj.weight, which config.json implies; the checkpoint is "
+        "incomplete, or config.json describes a larger model: correct config.json (e.g. num_hidden_layers) "
+        "or re-export the model"
+    ), str(e.value)
+    _, directory = _saved_llama(tmp_path, "deeper")
+    _edit_config(directory, num_hidden_layers=1)  # the weights hold 2 layers
+    capfd.readouterr()
+    with pytest.raises(ConvertError) as e:
+        from_hf(directory)
+    msg = str(e.value)
+    assert (
+        "the weights hold model.layers.1.input_layernorm.weight (and 8 more), which config.json has no "
+        in msg
+    )
+    assert "num_hidden_layers" in msg and "\n" not in msg
+    assert capfd.readouterr().err == ""
+    _edit_config(directory, num_hidden_layers=2)  # corrected: loads, and equals the HF model
+    idx = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert_close(
+            from_hf(directory)(idx),
+            transformers.AutoModelForCausalLM.from_pretrained(directory)(idx).logits,
+            **TIGHT,
+        )
+
+
 def test_import_leaves_hf_model_untouched():
     hf = _randomise(_llama())
     before = {k: v.clone() for k, v in hf.state_dict().items()}

@@ -168,3 +168,63 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["search-ranks", str(run), "--budget", "0.5", "--device", "cpu"]) == 2
     assert "matryoshka" in capsys.readouterr().err
     assert main(["search-ranks", str(tmp_path / "nope"), "--budget", "0.5", "--device", "cpu"]) == 2
+
+
+def _err_line(capsys) -> str:
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, (out, err)
+    return err.strip()
+
+
+def test_cli_refuses_models_without_matryoshka_layers_saying_how_to_convert(tmp_path, capsys, monkeypatch):
+    """An HF model (hf:DIR, a plain HF directory, a fetchable name) is never MatryoshkaKV: refused in one
+    line before anything is fetched or loaded; a run of another structure likewise after loading."""
+    import transformers
+
+    monkeypatch.setenv("KVLAB_DATA", str(tmp_path / "data"))
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48
+        )  # fmt: skip
+    )
+    hf.save_pretrained(tmp_path / "llama")
+    capsys.readouterr()
+    for source, spec in [
+        (f"hf:{tmp_path / 'llama'}", f"hf:{tmp_path / 'llama'}"),
+        (str(tmp_path / "llama"), f"hf:{tmp_path / 'llama'}"),
+        ("smollm2-135m", "smollm2-135m"),
+    ]:
+        assert main(["search-ranks", source, "--budget", "0.5", "--device", "cpu"]) == 2
+        assert _err_line(capsys) == (
+            f"kvlab: error: {source} is a Hugging Face model, with no MatryoshkaKV projections to search; "
+            f"convert it first with `kvlab uptrain --from {spec} --to matryoshka --data DATA --out RUN` (or "
+            "kvlab.convert.matryoshka.to_matryoshka) and search that run"
+        )
+    assert not (tmp_path / "data").exists()  # smollm2-135m was not fetched just to be refused
+    run, _ = _run_dir(tmp_path, attention="gqa")
+    assert main(["search-ranks", str(run), "--budget", "0.5", "--device", "cpu"]) == 2
+    assert f"{run} is a gqa model, with no MatryoshkaKV projections" in _err_line(capsys)
+
+
+def test_cli_calibration_data_must_exist_and_fit_the_run(tmp_path, capsys):
+    run, data = _run_dir(tmp_path)
+    model = load_model(run)
+    bare = tmp_path / "bare"  # a Matryoshka model saved without a dataset (e.g. from to_matryoshka)
+    save_model(bare, model)
+    assert main(["search-ranks", str(bare), "--budget", "0.5", "--device", "cpu"]) == 2
+    assert "names no dataset (data.dir); pass --data DATASET_DIR" in _err_line(capsys)
+    assert main(["search-ranks", str(bare), "--budget", "0.5", "--data", str(tmp_path / "nope")]) == 2
+    assert "dataset " + str(tmp_path / "nope") + " does not exist" in _err_line(capsys)
+    other = tmp_path / "other"  # made with another tokenizer than the run's
+    other.mkdir()
+    (data / "val.bin").rename(other / "val.bin")
+    (other / "meta.json").write_text(
+        json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"})
+    )
+    assert main(["search-ranks", str(run), "--budget", "0.5", "--data", str(other), "--device", "cpu"]) == 2
+    err = _err_line(capsys)
+    assert (
+        f"--data {other}: token files were made with tokenizer gpt2" in err and "uses tokenizer test" in err
+    )
+    assert main(["search-ranks", str(bare), "--budget", "0.5", "--data", str(other), "--device", "cpu"]) == 2
+    assert "model has vocab_size 97" in _err_line(capsys)  # no recorded tokenizer: the vocabulary must fit

@@ -150,6 +150,15 @@ def _is_hf_dir(path: Path) -> bool:
     return isinstance(config, dict) and "model_type" in config and "model" not in config
 
 
+def names_hf_model(source: str | Path) -> bool:
+    """Whether source means a transformers model (`hf:...`, a fetchable model's name or a transformers
+    model directory) rather than a kvlab run, decided without fetching or loading anything."""
+    from kvlab.models import MODELS
+
+    spec = str(source)
+    return spec.startswith("hf:") or spec in MODELS or _is_hf_dir(Path(spec))
+
+
 def resolve_source(source: str | Path) -> tuple[str, Path]:
     """What a model argument names: ("hf", DIR) for `hf:DIR`, a fetchable model name (kvlab models list;
     fetched on first use) or a transformers model directory; ("run", DIR) for a kvlab run directory."""
@@ -211,3 +220,37 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
     if tied:
         model.lm_head.weight = model.wte.weight
     return model.eval()
+
+
+# ---- the tokenizer beside a model ----------------------------------------------------------------
+def check_tokenizer(tokenizer, model: GPT, where: str | Path, config: dict[str, Any] | None = None) -> None:
+    """A tokenizer must fit the model it is loaded with: at most the model's vocab_size tokens (a
+    vocabulary padded beyond the tokenizer's, GPT-2's 50,257 as 50,304, is fine; token ids beyond it would
+    index past the embeddings) and, for a kvlab run (`config`), the size its training data recorded."""
+    n, vocab = tokenizer.vocab_size, model.config.vocab_size
+    if n > vocab:
+        raise CheckpointError(
+            f"{where}: its tokenizer has {n:,} tokens but the model's vocabulary has {vocab:,} (vocab_size), "
+            f"so the tokenizer belongs to another model; put the model's own tokenizer files in {where}"
+        )
+    data = (config or {}).get("data") or {}
+    trained = data.get("vocab_size")
+    if isinstance(trained, int) and trained != n:
+        name = data.get("tokenizer") or "another tokenizer"
+        raise CheckpointError(
+            f"{where}: its tokenizer has {n:,} tokens but the run was trained on data tokenized with {name} "
+            f"({trained:,} tokens); restore the run's tokenizer from its dataset "
+            f"(kvlab.data.load_tokenizer({str(data.get('dir') or 'DATASET_DIR')!r}).save({str(where)!r}))"
+        )
+
+
+def load_model_tokenizer(source: str | Path, model: GPT):
+    """The tokenizer saved beside a model (a run directory, hf:DIR or a fetched model; `resolve_source`),
+    checked against it (`check_tokenizer`). A source without tokenizer files raises the data layer's
+    one-line DataError."""
+    from kvlab.data import load_tokenizer
+
+    kind, directory = resolve_source(source)
+    tokenizer = load_tokenizer(directory)
+    check_tokenizer(tokenizer, model, directory, read_config(directory) if kind == "run" else None)
+    return tokenizer

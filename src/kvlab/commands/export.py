@@ -7,7 +7,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from kvlab.checkpoint import load_model, resolve_source, save_model
+from kvlab.checkpoint import load_model, load_model_tokenizer, resolve_source, save_model
+from kvlab.data import DataError
 from kvlab.errors import KvlabError
 
 TOKENIZER_FILES = (
@@ -25,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
         raise KvlabError(f"{out} already exists and is not an empty directory; choose a new output path")
     _, source_dir = resolve_source(args.run)
     model = load_model(args.run)
+    try:  # a tokenizer that does not fit the model is not exported beside it
+        load_model_tokenizer(source_dir, model)
+    except DataError:  # no tokenizer files: the weights alone
+        pass
     if args.format == "hf":
         from kvlab.convert import export_hf
 

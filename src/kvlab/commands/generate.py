@@ -6,13 +6,13 @@ import argparse
 
 import torch
 
-from kvlab.checkpoint import load_model, resolve_source
+from kvlab.checkpoint import load_model, load_model_tokenizer, resolve_source
 from kvlab.errors import KvlabError
 from kvlab.generate import generate
 from kvlab.inputs import check_device
 
 
-def _encode_prompt(args, run_dir):
+def _encode_prompt(args, run_dir, model):
     if args.prompt_ids is not None:
         try:
             return [int(t) for t in args.prompt_ids.split(",") if t.strip()], None
@@ -20,11 +20,7 @@ def _encode_prompt(args, run_dir):
             raise KvlabError(
                 f"--prompt-ids {args.prompt_ids!r}: expected comma-separated token ids, e.g. 1,2,3"
             ) from e
-    try:
-        from kvlab.data import load_tokenizer
-    except ImportError as e:  # pragma: no cover - data package always ships
-        raise KvlabError("text prompts need kvlab.data; pass --prompt-ids instead") from e
-    tokenizer = load_tokenizer(run_dir)
+    tokenizer = load_model_tokenizer(run_dir, model)  # one line when it does not fit the model
     return tokenizer.encode(args.prompt), tokenizer
 
 
@@ -43,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     _, source_dir = resolve_source(args.run_dir)  # a run, hf:DIR or a fetchable model: tokenizer beside it
     model = load_model(source_dir, device=args.device)
-    ids, tokenizer = _encode_prompt(args, source_dir)
+    ids, tokenizer = _encode_prompt(args, source_dir, model)
     if not ids:
         raise KvlabError("the prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3")
     vocab = model.config.vocab_size

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvlab.attention.matryoshka import ranks_config
-from kvlab.checkpoint import load_model, read_config, save_model
+from kvlab.attention.matryoshka import matryoshka_layers, ranks_config
+from kvlab.checkpoint import load_model, names_hf_model, read_config, save_model
 from kvlab.errors import KvlabError
 from kvlab.search import greedy_rank_search
 
@@ -73,12 +73,50 @@ def _save(out: Path, model, config: dict, run_dir: str, result: dict) -> None:
         pass
 
 
-def run(args: argparse.Namespace) -> int:
+def _convert_first(source: str, what: str, spec: str | None = None) -> KvlabError:
+    return KvlabError(
+        f"{source} is {what}, with no MatryoshkaKV projections to search; convert it first with "
+        f"`kvlab uptrain --from {spec or source} --to matryoshka --data DATA --out RUN` (or "
+        "kvlab.convert.matryoshka.to_matryoshka) and search that run"
+    )
+
+
+def _load_source(args: argparse.Namespace):
+    """(model, config.json) of the run to search. A transformers model (hf:DIR, a fetchable name) is
+    refused before it is fetched or loaded: imports are never MatryoshkaKV models."""
+    if names_hf_model(args.run_dir):
+        from kvlab.models import MODELS
+
+        spec = (
+            args.run_dir if args.run_dir.startswith("hf:") or args.run_dir in MODELS else f"hf:{args.run_dir}"
+        )
+        raise _convert_first(args.run_dir, "a Hugging Face model", spec)
     config = read_config(args.run_dir)
     model = load_model(args.run_dir, device=args.device)
+    if not matryoshka_layers(model):
+        raise _convert_first(args.run_dir, f"a {model.config.attention.kind} model")
+    return model, config
+
+
+def _check_data(data_dir: str, config: dict, vocab_size: int) -> None:
+    """--data (or the run's data.dir) must be a dataset tokenized like the run, with ids in its vocabulary."""
+    from kvlab.data import check_compatible, read_meta
+
+    if not Path(data_dir).is_dir():
+        raise KvlabError(f"dataset {data_dir} does not exist; pass --data with the run's dataset directory")
+    trained_with = (config.get("data") or {}).get("tokenizer")
+    try:
+        check_compatible(read_meta(data_dir), vocab_size, trained_with)
+    except KvlabError as e:
+        raise KvlabError(f"--data {data_dir}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
     if args.calib_tokens < 1:
         raise KvlabError(f"--calib-tokens={args.calib_tokens} must be positive")
+    model, config = _load_source(args)
     data_dir = _data_dir(args.run_dir, config, args.data)
+    _check_data(data_dir, config, model.config.vocab_size)
     batches = calibration_batches(data_dir, model.config.block_size, args.calib_tokens)
     top = max(int(b.max()) for b in batches)
     if top >= model.config.vocab_size:
@@ -108,11 +146,18 @@ def register(sub) -> None:
         ),
         epilog="example: kvlab search-ranks runs/matryoshka --budget 0.4 --out runs/matryoshka-40",
     )
-    p.add_argument("run_dir")
+    p.add_argument(
+        "run_dir",
+        help="a MatryoshkaKV run directory (convert an HF model, hf:DIR or a model name, first)",
+    )
     p.add_argument("--budget", type=float, required=True, help="target KV bytes as a fraction of full rank")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens from the val split")
     p.add_argument("--out", default=None, help="save a copy of the run with the found ranks here")
-    p.add_argument("--data", default=None, help="dataset directory (default: the run's config data.dir)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset for calibration (default: the run's data.dir; needed without one)",
+    )
     p.add_argument("--step", type=int, default=None, help="rank step (default head_dim // 8)")
     p.add_argument("--fraction", type=float, default=0.1, help="share of candidates lowered per round")
     p.add_argument("--progress", action="store_true", help="print one line per round")

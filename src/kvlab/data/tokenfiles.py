@@ -17,7 +17,7 @@ import numpy as np
 
 from kvlab.data.corpora import SPLITS, Corpus, corpus_name, load_corpus
 from kvlab.data.fetch import DataError, data_root
-from kvlab.data.tokenizers import Tokenizer, bpe_vocab_size, load_tokenizer, train_bpe
+from kvlab.data.tokenizers import Tokenizer, bpe_vocab_size, load_tokenizer, tokenizer_slug, train_bpe
 from kvlab.errors import OutputError, output_problem
 
 ENCODE_BATCH = 64  # documents per encode_batch call: big enough to use every core, small enough for tqdm
@@ -66,7 +66,7 @@ def dataset_dir(corpus_or_path: str | Path = "shakespeare", tokenizer: str = "bp
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(output_problem(root, e)) from e
-    return root / "datasets" / f"{corpus_name(corpus_or_path)}-{tokenizer}"
+    return root / "datasets" / f"{corpus_name(corpus_or_path)}-{tokenizer_slug(tokenizer)}"
 
 
 def _is_complete(directory: Path) -> bool:
@@ -90,11 +90,11 @@ def _make_tokenizer(name: str, corpus: Corpus, root: Path) -> Tokenizer:
         return load_tokenizer("gpt2", root=root)
     from kvlab.models import MODELS  # a pretrained model's own tokenizer, so its token files fit it
 
-    if name in MODELS:
+    if name in MODELS or name.startswith("hf:"):  # checked against the model's config.json vocab_size
         return load_tokenizer(name, root=root)
     raise DataError(
-        f"unknown tokenizer {name!r}; use gpt2, bpe-8k (any bpe-N, e.g. bpe-2048, bpe-16k) "
-        f"or a fetchable model's name ({', '.join(sorted(MODELS))})"
+        f"unknown tokenizer {name!r}; use gpt2, bpe-8k (any bpe-N, e.g. bpe-2048, bpe-16k), "
+        f"a fetchable model's name ({', '.join(sorted(MODELS))}) or hf:DIR (a model's tokenizer.json)"
     )
 
 

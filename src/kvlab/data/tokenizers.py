@@ -99,11 +99,14 @@ class TiktokenTokenizer(Tokenizer):
 class BPETokenizer(Tokenizer):
     """Byte-level BPE from HF `tokenizers` (lossless on any text); `<|endoftext|>` is token 0."""
 
-    def __init__(self, tokenizer, name: str):
+    def __init__(self, tokenizer, name: str, eot_token: int | None = None):
+        """eot_token: the end-of-text id when the vocabulary has no <|endoftext|> (a Llama tokenizer's
+        </s>: its model's eos_token_id)."""
         self._tok = tokenizer
         self.name = name
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         eot = tokenizer.token_to_id(EOT)
+        eot = eot_token if eot is None else eot
         if eot is None:
             raise DataError(
                 f"tokenizer {name!r} has no {EOT} token; retrain it with kvlab data prepare --force"
@@ -219,7 +222,8 @@ def load_tokenizer(name_or_dir: str | Path, root: str | Path | None = None) -> T
             from tokenizers import Tokenizer as HFTokenizer
 
             hf = HFTokenizer.from_file(str(path / info.get("file", "tokenizer.json")))
-            return BPETokenizer(hf, info.get("name", "bpe"))
+            eot = info.get("eot_token", _model_config(path).get("eos_token_id"))
+            return BPETokenizer(hf, info.get("name", "bpe"), eot if isinstance(eot, int) else None)
         raise DataError(
             f"{path} holds no tokenizer ({DESCRIPTOR}, tokenizer.json or {GPT2_FILE}); save one there"
         )
@@ -227,7 +231,22 @@ def load_tokenizer(name_or_dir: str | Path, root: str | Path | None = None) -> T
     if hf_dir is not None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BPETokenizer(HFTokenizer.from_file(str(hf_dir / "tokenizer.json")), str(name_or_dir))
+        config = _model_config(hf_dir)
+        eot = config.get("eos_token_id")
+        name = str(name_or_dir)
+        if name.startswith("hf:") and Path(name[3:]).expanduser().is_dir():  # the same name from any cwd
+            name = f"hf:{Path(name[3:]).expanduser().resolve()}"
+        tok = BPETokenizer(
+            HFTokenizer.from_file(str(hf_dir / "tokenizer.json")), name, eot if isinstance(eot, int) else None
+        )
+        vocab = config.get("vocab_size")
+        if isinstance(vocab, int) and tok.vocab_size > vocab:  # a padded model vocabulary is fine
+            raise DataError(
+                f"{name_or_dir}: tokenizer.json has {tok.vocab_size:,} tokens but the model's vocab_size is "
+                f"{vocab:,} (config.json), so the tokenizer belongs to another model; save the model's own "
+                f"tokenizer in {hf_dir} (tokenizer.save_pretrained)"
+            )
+        return tok
     if bpe_vocab_size(str(name_or_dir)) is not None:
         raise DataError(
             f"{name_or_dir} is trained per dataset; run `kvlab data prepare --tokenizer {name_or_dir}` "
@@ -237,6 +256,26 @@ def load_tokenizer(name_or_dir: str | Path, root: str | Path | None = None) -> T
         f"unknown tokenizer {str(name_or_dir)!r}; use gpt2, bpe-8k / bpe-N, a fetchable model's name "
         "(kvlab models list), hf:DIR, or a directory holding one"
     )
+
+
+def _model_config(directory: Path) -> dict:
+    """A transformers config.json beside a tokenizer ({} when there is none, or it is a kvlab run's)."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) and "model_type" in config else {}
+
+
+def tokenizer_slug(name: str) -> str:
+    """The tokenizer's part of a dataset directory name: the name itself, or for `hf:DIR` the directory's
+    name plus a short hash of its location (a path has slashes)."""
+    if not name.startswith("hf:"):
+        return name
+    path = Path(name[3:]).expanduser()
+    where = str(path.resolve()) if path.is_dir() else name[3:]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.name or "model")
+    return f"hf-{stem}-{hashlib.sha1(where.encode()).hexdigest()[:6]}"
 
 
 def _model_tokenizer_dir(spec: str, root) -> Path | None:

@@ -60,10 +60,10 @@ class KvlabLM(LM):
         if model is None:
             if run is None:
                 raise KvlabError("the kvlab lm_eval model needs --model_args run=RUN_DIR (a kvlab run)")
-            from kvlab.checkpoint import load_model
-            from kvlab.data import load_tokenizer
+            from kvlab.checkpoint import load_model, load_model_tokenizer
 
-            model, tokenizer = load_model(run, device=device), load_tokenizer(run)
+            model = load_model(run, device=device)
+            tokenizer = load_model_tokenizer(run, model)  # one line when it does not fit the model
         elif tokenizer is None:
             raise KvlabError("KvlabLM(model=...) also needs tokenizer=...")
         self.model = model.eval()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvlab.checkpoint import load_model, read_config, resolve_source
+from kvlab.checkpoint import check_tokenizer, load_model, read_config, resolve_source
 from kvlab.errors import KvlabError
 from kvlab.eval.cloze import lambada_metrics
 from kvlab.eval.corpora import CLOZE_SIZE, DEFAULT_CORPUS, CorpusError, HeldoutCorpus, resolve_corpus
@@ -52,7 +52,10 @@ def _run_context(run_dir: Path, device) -> dict[str, Any]:
         tokenizer = load_tokenizer(run_dir)
     except (ImportError, KvlabError) as e:
         tokenizer_error = str(e)
+    else:  # one that does not fit the model is refused here, not blamed on a corpus later
+        check_tokenizer(tokenizer, model, run_dir, config)
     return {
+        "kind": kind,
         "model": model,
         "tokenizer": tokenizer,
         "tokenizer_error": tokenizer_error,
@@ -152,6 +155,12 @@ def evaluate(
     dataset_dir = dataset_dir or ctx["dataset_dir"]
     block_size = min(block_size or ctx["block_size"], model.config.block_size)
     batch_size, eval_iters = batch_size or ctx["batch_size"], eval_iters or ctx["eval_iters"]
+    if not heldout and dataset_dir is None and ctx.get("kind") == "hf":
+        raise CorpusError(
+            f"{run_dir} is a pretrained model with no dataset of its own; name what to score with --heldout "
+            "(e.g. shakespeare, sotu, a .txt file or folder, or a dataset made by `kvlab data prepare "
+            f"--tokenizer {run_dir}`)"
+        )
     heldout = list(heldout) if heldout else [DEFAULT_CORPUS]
 
     val_seed = ctx["val_seed"] if seed is None else seed
