@@ -1,6 +1,7 @@
-"""What `kvlab uptrain --from` and a bench suite's [source] name: a kvlab run directory, `hf:DIR` (or a hub
-name, when the hub answers) or a model kvlab can fetch. `load_source` loads it; `source_config` reads only
-its architecture (for `kvlab bench --dry-run`: nothing is fetched or loaded)."""
+"""What `kvlab uptrain --from` and a bench suite's [source] name: a kvlab run directory, a transformers
+model (`hf:DIR`, a plain HF directory, a hub name when the hub answers, or a model kvlab can fetch), resolved
+as every other command resolves it (kvlab.checkpoint.resolve_source). `load_source` loads it;
+`source_config` reads only its architecture (for `kvlab bench --dry-run`: nothing is fetched or loaded)."""
 
 from __future__ import annotations
 
@@ -22,30 +23,32 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def load_source(spec: str, flag: str = "--from"):
-    """(model, description, run dir or None): a float32 GPT in eval mode."""
-    from kvlab.checkpoint import load_model
+    """(model, description, directory): a float32 GPT in eval mode, what it was (`run:DIR` or the HF
+    spec), and the directory holding its tokenizer (the run directory, or the HF model directory)."""
+    from kvlab.checkpoint import load_model, names_hf_model, resolve_source
 
+    if names_hf_model(spec):
+        from kvlab.convert.hf import from_hf
+
+        _, hf_dir = resolve_source(spec)  # a registered name is fetched once here
+        return from_hf(hf_dir).float(), spec, hf_dir
     path = Path(spec)
     if _is_run_dir(path):
         return load_model(path), f"run:{path}", path
-    from kvlab.convert.hf import from_hf
-    from kvlab.models import resolve_model_source
-
-    hf_dir = resolve_model_source(spec)  # hf:DIR or a registry name (fetched once); None otherwise
-    if hf_dir is not None:
-        return from_hf(hf_dir).float(), spec, None
     raise _not_a_source(spec, flag)
 
 
 def source_config(spec: str, flag: str = "source.from") -> ModelConfig:
     """The ModelConfig of a source without loading its weights. A registered model that is not fetched
     yet answers with the model preset of the same name (its architecture), so nothing is downloaded."""
-    from kvlab.checkpoint import read_config
+    from kvlab.checkpoint import names_hf_model, read_config, resolve_source
     from kvlab.models import MODELS, ModelError, cached_model_dir
 
     path = Path(spec)
-    if _is_run_dir(path):
-        return ModelConfig.from_dict(read_config(path)["model"])
+    if not names_hf_model(spec):
+        if _is_run_dir(path):
+            return ModelConfig.from_dict(read_config(path)["model"])
+        raise _not_a_source(spec, flag)
     if spec in MODELS:
         try:
             hf_dir = cached_model_dir(spec)
@@ -53,12 +56,8 @@ def source_config(spec: str, flag: str = "source.from") -> ModelConfig:
             if spec in MODEL_PRESETS:
                 return ModelConfig.preset(spec)
             raise
-    elif spec.startswith("hf:"):
-        from kvlab.models import resolve_model_source
-
-        hf_dir = resolve_model_source(spec)
     else:
-        raise _not_a_source(spec, flag)
+        _, hf_dir = resolve_source(spec)
     from transformers import AutoConfig
 
     from kvlab.convert.hf import _importer

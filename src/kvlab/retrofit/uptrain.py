@@ -47,27 +47,31 @@ class UptrainError(KvlabError):
     """An uptraining request kvlab cannot carry out; the message names the problem and the fix."""
 
 
+PROBE = "Retrofitting keeps the tokenizer: 12 apples, naïve café.\n\tThe END."
+
+
 def check_tokenizer(source_dir: Path | None, data_dir: Path, meta: dict[str, Any], model: GPT) -> None:
-    """The data must be tokenized like the source: same tokenizer (name, and ids of a probe text when both
-    tokenizers are on disk) and ids that fit the model's vocabulary."""
+    """The data must be tokenized like the source (a kvlab run, or an HF model directory holding its
+    tokenizer) and its ids must fit the model's vocabulary. When both tokenizers are on disk they must
+    encode a probe text identically (names may differ: `smollm2-135m` and `hf:DIR` can be one tokenizer);
+    otherwise the names the run and the data record must agree."""
     resolve_vocab(model.config, meta, fixed=True)  # one-line DataError when the ids do not fit
     if source_dir is None:
         return
-    trained_on = read_config(source_dir).get("data", {})
-    want, got = trained_on.get("tokenizer"), meta.get("tokenizer")
-    same = want is None or want == got
-    if same and want is not None:
-        try:
-            from kvlab.data import load_tokenizer
+    config = read_config(source_dir)
+    want = (config.get("data") or {}).get("tokenizer") if "model" in config else f"the tokenizer in {source_dir}"
+    got = meta.get("tokenizer")
+    try:
+        from kvlab.data import load_tokenizer
 
-            probe = "Retrofitting keeps the tokenizer: 12 apples, naïve café."
-            same = load_tokenizer(source_dir).encode(probe) == load_tokenizer(data_dir).encode(probe)
-        except (KvlabError, FileNotFoundError, ImportError):
-            pass  # one side has no tokenizer files: the names agreed
+        same = load_tokenizer(source_dir).encode(PROBE) == load_tokenizer(data_dir).encode(PROBE)
+    except (KvlabError, FileNotFoundError, ImportError):  # one side has no tokenizer files: the names
+        same = want is None or want == got
     if not same:
+        hint = want if "model" in config else f"hf:{source_dir}"
         raise UptrainError(
-            f"{data_dir} was tokenized with {got!r} but {source_dir} was trained with {want!r}; prepare the "
-            f"data with the source's tokenizer (kvlab data prepare --tokenizer {want} or the source's files)"
+            f"{data_dir} was tokenized with {got!r}, not with {want!r} of the source; prepare the data with "
+            f"the source's tokenizer (kvlab data prepare --tokenizer {hint})"
         )
 
 
