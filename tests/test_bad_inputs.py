@@ -3,11 +3,13 @@ changed; the Python API raises kvlab's own errors for the same mistakes."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -189,15 +191,15 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(target, world, tmp
     run = tmp_path / "full"
     argv = _train_argv(run, world / "data", "train.max_iters=4")
     calls = []
-    # torch.save(obj, path) writes resume.pt, write_weights(path, state) model.safetensors
-    owner, name, at = (ckpt.torch, "save", 1) if target == "resume state" else (ckpt, "write_weights", 0)
-    real = getattr(owner, name)
+    # write_resume_state(path, state) writes resume.pt, write_weights(path, state) model.safetensors
+    name = "write_resume_state" if target == "resume state" else "write_weights"
+    real = getattr(ckpt, name)
 
     def flaky(*args):
         calls.append(1)
-        return _disk_full(args[at]) if len(calls) > 1 else real(*args)  # the 2nd checkpoint: disk full
+        return _disk_full(args[0]) if len(calls) > 1 else real(*args)  # the 2nd checkpoint: disk full
 
-    monkeypatch.setattr(owner, name, flaky)
+    monkeypatch.setattr(ckpt, name, flaky)
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -233,3 +235,124 @@ def test_divergence_warning_above_twice_chance(world, tmp_path, monkeypatch, cap
     monkeypatch.undo()
     assert main(_train_argv(tmp_path / "ok", world / "data")) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str):
+    """A real small filesystem at `path` (root only); the test skips where mounting is not permitted."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+        )
+    except OSError as e:
+        pytest.skip(f"cannot mount a tmpfs here ({e})")
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()[:100]})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _fill(fs: Path, leave: int) -> Path:
+    """Fill the filesystem at fs until about `leave` bytes are free."""
+    free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+    filler = fs / "filler"
+    with open(filler, "ab") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+@pytest.mark.parametrize("target", ["resume state", "weights"])
+def test_a_really_full_disk_during_a_checkpoint_keeps_the_previous_one(target, world, tmp_path, capsys):
+    """As the faked test above, on a real 6 MB tmpfs that fills while the step-4 checkpoint is written:
+    torch.save's own failure (a RuntimeError for a path) must still read as the disk-full line."""
+    from kvlab.checkpoint import load_model, safetensors_bytes
+    from kvlab.train import checkpointing as ckpt
+
+    with _tmpfs(tmp_path / "fs", "6m") as fs:
+        run = fs / "run"
+        real_write = ckpt.write_weights
+        calls = []
+
+        def fill_then_write(path, state):  # the 2nd checkpoint finds the disk (nearly) full
+            calls.append(1)
+            if len(calls) == 2:  # leave room for the weights only, or for nothing
+                size = len(safetensors_bytes(state, metadata={"format": "pt"}))
+                _fill(fs, leave=size + 8192 if target == "resume state" else 0)
+            return real_write(path, state)
+
+        ckpt.write_weights = fill_then_write
+        try:
+            capsys.readouterr()
+            assert main(_train_argv(run, world / "data", "train.max_iters=4")) == 2
+        finally:
+            ckpt.write_weights = real_write
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("kvlab: error: disk full while writing the checkpoint of step 4"), err
+        assert "step 2 is intact" in err and "\n" not in err, err
+        assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temp left
+        assert [m["step"] for m in ckpt.read_metrics(run)] == [2] and ckpt.load_resume_state(run)["step"] == 2
+        load_model(run)
+        (fs / "filler").unlink()  # space freed: the run goes on from step 2
+        assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+        assert [m["step"] for m in ckpt.read_metrics(run)] == [2, 4]
+
+
+def _corpus_text(seed: int) -> str:
+    """Paragraphs of made-up words; another seed gives other words, so a BPE trained on it merges others."""
+    rng = np.random.default_rng(seed)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    words = ["".join(rng.choice(letters, size=rng.integers(2, 7))) for _ in range(120)]
+    return "\n\n".join(" ".join(rng.choice(words, size=80)) for _ in range(40)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def bpe_world(tmp_path_factory):
+    """Two datasets tokenized by two different `bpe-300`s, and a run trained on the first."""
+    from kvlab.data import dataset_dir
+
+    root = tmp_path_factory.mktemp("bpe")
+    for name, seed in (("a", 0), ("b", 1)):
+        (root / f"{name}.txt").write_text(_corpus_text(seed))
+        argv = ["data", "prepare", "--corpus", str(root / f"{name}.txt"), "--tokenizer", "bpe-300"]
+        assert main([*argv, "--root", str(root / "data")]) == 0
+    a, b = (dataset_dir(root / f"{n}.txt", "bpe-300", root / "data") for n in ("a", "b"))
+    assert main(_train_argv(root / "run", a)) == 0
+    return root, a, b
+
+
+def test_data_prepare_on_a_full_disk_is_one_line_and_leaves_no_partial_dataset(bpe_world, tmp_path, capsys):
+    """A real 1 MB tmpfs with room for the tokenizer files but not the token files (numpy's tofile said
+    only "N requested and 0 written", with no errno and no path)."""
+    root, a, _ = bpe_world
+    tokenizer_bytes = sum((a / n).stat().st_size for n in ("tokenizer.json", "tokenizer_meta.json"))
+    with _tmpfs(tmp_path / "fs", "1m") as fs:
+        (fs / "data" / "datasets").mkdir(parents=True)
+        _fill(fs, leave=tokenizer_bytes + 3 * 4096)
+        capsys.readouterr()
+        argv = ["data", "prepare", "--corpus", str(root / "a.txt"), "--tokenizer", "bpe-300"]
+        assert main([*argv, "--root", str(fs / "data")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("kvlab: error: cannot write ") and "\n" not in err, err
+        assert "the disk is full" in err and "bpe-300" in err, err  # names the dataset directory
+        assert list((fs / "data" / "datasets").iterdir()) == []  # no .partial folder
+
+
+def test_data_prepare_failure_without_a_filename_names_the_dataset(bpe_world, tmp_path, monkeypatch, capsys):
+    import kvlab.data.tokenfiles as tokenfiles
+
+    root, _, _ = bpe_world
+
+    def full(path, *args):
+        Path(path).write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")  # no filename, as numpy/Rust writers give
+
+    monkeypatch.setattr(tokenfiles, "_write_split", full)
+    capsys.readouterr()
+    argv = ["data", "prepare", "--corpus", str(root / "a.txt"), "--tokenizer", "bpe-300"]
+    assert main([*argv, "--root", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvlab: error: cannot write ") and "the disk is full" in err and "\n" not in err
+    assert list((tmp_path / "data" / "datasets").iterdir()) == []
