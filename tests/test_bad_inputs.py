@@ -19,6 +19,7 @@ import torch
 from kvlab import GPT
 from kvlab.cli import main
 from kvlab.errors import KvlabError
+from kvlab.generate import generate
 from test_train import make_dataset
 
 TINY = [
@@ -91,6 +92,15 @@ CASES = [
     (["T", "model.n_head=four"], "model.n_head"),
     (["T", "model.vocab_size=20"], "vocab_size"),
     (["T", "train.device=banana"], "banana"),
+    (["T", "train.device=tpu:0"], "tpu:0"),
+    # train: TrainConfig checks its values' ranges (AdamW would raise a ValueError much later)
+    (["T", "train.beta1=1.5"], "train.beta1"),
+    (["T", "train.beta2=-0.5"], "train.beta2"),
+    (["T", "train.lr=-1"], "train.lr"),
+    (["T", "train.weight_decay=-0.1"], "train.weight_decay"),
+    (["T", "train.grad_clip=-1"], "train.grad_clip"),
+    (["T", "train.eval_interval=0"], "train.eval_interval"),
+    (["T", "train.seed=-1"], "train.seed"),
     pytest.param(["T", "train.device=cuda"], "cuda", marks=pytest.mark.skipif(not NO_CUDA, reason="GPU")),
     # train: --out that cannot be a run directory, or holds a finished run
     (["train", "--out", "{root}/afile", "--data", "{root}/data", "--no-progress"], "afile"),
@@ -167,15 +177,121 @@ def test_debug_flag_shows_the_traceback(world, capsys):
         (lambda m: m.new_cache(1, 8, dtype=torch.int32), "floating"),
         (lambda m: m.kv_cache_bytes(batch_size=-2, max_len=8), "batch_size"),
         (lambda m: m.kv_cache_bytes(batch_size=1, max_len=0), "max_len"),
+        # new_cache and kv_cache_bytes take the same sizes and dtypes, and refuse the same ones
+        (lambda m: m.new_cache(1, 8, dtype="float16"), "torch.dtype"),
+        (lambda m: m.kv_cache_bytes(1, 8, dtype="float16"), "torch.dtype"),
+        (lambda m: m.kv_cache_bytes(1, 8, dtype=torch.int32), "floating"),
+        (lambda m: m.new_cache(1.5, 8), "batch_size=1.5"),
+        (lambda m: m.new_cache("2", 8), "batch_size='2'"),
+        (lambda m: m.new_cache(None, 8), "batch_size=None"),
+        (lambda m: m.new_cache(True, 8), "batch_size=True"),
+        (lambda m: m.new_cache(1, 1.5), "max_len=1.5"),
+        (lambda m: m.new_cache(1, 8, device="banana"), "banana"),
+        pytest.param(
+            lambda m: m.new_cache(1, 8, device="cuda"),
+            "CUDA",
+            marks=pytest.mark.skipif(not NO_CUDA, reason="GPU"),
+        ),
+        # forward: ids the embedding cannot take, a cache that is not a KVCache
+        (lambda m: m(torch.tensor([[1, 2]], dtype=torch.uint8)), "torch.uint8"),
+        (lambda m: m(torch.tensor([[1, 2]], dtype=torch.int16)), "torch.int16"),
+        (lambda m: m(torch.tensor([[1, 2]]), cache={}), "KVCache"),
+        # configs: a dict where a ModelConfig belongs, unknown fields (TypeError from the dataclass)
+        (lambda m: GPT({"n_layer": 1}), "ModelConfig"),
+        (lambda m: _model_config(foo=1), "foo"),
+        (lambda m: _train_config(foo=1), "foo"),
+        # generate: every option checked once, before the prefill
+        (lambda m: generate(m, torch.tensor([[1, 2]]), 0), "max_new_tokens"),
+        (lambda m: generate(m, torch.tensor([[1, 2]]), 1.5), "max_new_tokens"),
+        (lambda m: generate(m, torch.tensor([[1, 2]]), 2, temperature=float("nan")), "temperature"),
+        (lambda m: generate(m, torch.tensor([[1, 2]]), 2, temperature=-1), "temperature"),
+        (lambda m: generate(m, torch.tensor([[1, 2]]), 2, temperature=1.0, top_k=0), "top_k"),
+        (lambda m: generate(m, torch.tensor([[1, 2]]), 2, temperature=1.0, top_k=-1), "top_k"),
+        (lambda m: generate(m, torch.tensor([1, 2]), 2), "(B, T)"),
+        (lambda m: generate(m, torch.tensor([[1, 2]]), 2, eos_token=9999), "eos_token"),
+        (lambda m: generate(m, torch.tensor([[1, 2]]), 2, eos_token=-1), "eos_token"),
+        (lambda m: generate(m, torch.tensor([[1, 99]]), 2), "token id 99"),
     ],
 )
 def test_python_api_raises_kvlab_errors(call, needle):
-    from kvlab import ModelConfig
-
-    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=64, attention="gqa"))
+    model = GPT(_model_config())
     with pytest.raises(KvlabError) as e:
         call(model)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def _model_config(**overrides):
+    from kvlab import ModelConfig
+
+    fields = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=64, attention="gqa")
+    return ModelConfig(**{**fields, **overrides})
+
+
+def _train_config(**overrides):
+    from kvlab.config import TrainConfig
+
+    return TrainConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"compile": "maybe"}, "train.compile"),
+        ({"tensorboard": 1}, "train.tensorboard"),
+        ({"device": "banana"}, "banana"),
+        ({"device": 3}, "train.device"),
+        ({"beta1": 1.5}, "train.beta1"),
+        ({"beta2": -0.5}, "train.beta2"),
+        ({"beta1": 1.0}, "train.beta1"),
+        ({"lr": "abc"}, "train.lr"),
+        ({"lr": 0}, "train.lr"),
+        ({"lr": float("nan")}, "train.lr"),
+        ({"lr": float("inf")}, "train.lr"),
+        ({"lr": True}, "train.lr"),
+        ({"weight_decay": -1}, "train.weight_decay"),
+        ({"grad_clip": -1}, "train.grad_clip"),
+        ({"max_iters": 0}, "train.max_iters"),
+        ({"max_iters": 1.5}, "train.max_iters"),
+        ({"eval_interval": 0}, "train.eval_interval"),
+        ({"batch_size": 0}, "train.batch_size"),
+        ({"warmup_frac": "x"}, "train.warmup_frac"),
+        ({"min_lr": "x"}, "train.min_lr"),
+        ({"seed": 1.5}, "train.seed"),
+        ({"dtype": 3}, "train.dtype"),
+    ],
+)
+def test_train_config_validates_every_field(fields, needle):
+    """TrainConfig.from_dict (the CLI, bench suites, uptrain) refuses values the loop or AdamW cannot use."""
+    from kvlab.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict(fields)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert TrainConfig.from_dict({"lr": 1, "min_lr": None, "beta1": 0, "device": "cuda:1"}).lr == 1  # valid
+
+
+@pytest.mark.parametrize("device, needle", [("banana", "not a device"), ("cuda", "CUDA")])
+def test_load_model_names_a_device_that_is_not_here(device, needle, world):
+    from kvlab.checkpoint import load_model
+
+    if device == "cuda" and not NO_CUDA:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(KvlabError, match=needle) as e:
+        load_model(world / "run", device=device)
+    assert "corrupt" not in str(e.value)
+
+
+def test_token_id_check_does_not_break_the_compiled_graph():
+    """train.compile=true: the eager range check (a data-dependent int()) is skipped while dynamo traces,
+    so a compiled forward is one graph; outside compile it still refuses bad ids."""
+    model = GPT(_model_config())
+    try:
+        explained = torch._dynamo.explain(model)(torch.zeros(1, 4, dtype=torch.long))
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    with pytest.raises(KvlabError, match="token id 64"):
+        model(torch.tensor([[1, 64]]))
 
 
 def _disk_full(path):
