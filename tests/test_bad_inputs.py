@@ -69,6 +69,15 @@ def world(tmp_path_factory):
     hello = root / "hello"
     hello.mkdir()
     (hello / "config.json").write_text(json.dumps({"model": "hello"}))
+    # finished runs whose config.json was damaged after training: resume and eval must say so in one line
+    config = json.loads((root / "run" / "config.json").read_text())
+    for name, damaged in (
+        ("badmodel", {**config, "model": "hello"}),
+        ("badtrain", {**config, "train": "x"}),
+        ("badbeta", {**config, "train": {**config["train"], "beta1": 1.5}}),
+    ):
+        shutil.copytree(root / "run", root / name, symlinks=True)
+        (root / name / "config.json").write_text(json.dumps(damaged))
     return root
 
 
@@ -101,6 +110,10 @@ CASES = [
     (["T", "train.grad_clip=-1"], "train.grad_clip"),
     (["T", "train.eval_interval=0"], "train.eval_interval"),
     (["T", "train.seed=-1"], "train.seed"),
+    # train: the attention structure is --attention's; a --set model.attention would be ignored
+    (["T", "model.attention=3"], "--attention"),
+    (["T", "model.attention=banana"], "--attention"),
+    (["T", 'model.attention={"kind": "mla"}'], "--attention"),
     pytest.param(["T", "train.device=cuda"], "cuda", marks=pytest.mark.skipif(not NO_CUDA, reason="GPU")),
     # train: --out that cannot be a run directory, or holds a finished run
     (["train", "--out", "{root}/afile", "--data", "{root}/data", "--no-progress"], "afile"),
@@ -110,6 +123,25 @@ CASES = [
     (["train", "--out", "{root}/run", "--resume", "--no-progress", "--set", "model.n_layer=3"], "n_layer"),
     (["train", "--out", "{root}/nockpt", "--resume", "--no-progress"], "nothing to resume"),
     (["train", "--out", "{root}/run", "--resume", "--no-progress", "--data", "{root}/other"], "data.dir"),
+    # train --resume: a flag that would be ignored is named (repeating the starting command is fine)
+    (["train", "--out", "{root}/run", "--resume", "--no-progress", "--attention", "mla"], "--attention mla"),
+    (["train", "--out", "{root}/run", "--resume", "--no-progress", "--preset", "pythia-70m"], "--preset"),
+    (["train", "--out", "{root}/run", "--resume", "--no-progress", "--corpus", "sotu"], "--corpus sotu"),
+    (["train", "--out", "{root}/run", "--resume", "--no-progress", "--tokenizer", "gpt2"], "--tokenizer"),
+    (["train", "--out", "{root}/run", "--resume", "--overwrite", "--no-progress"], "--overwrite"),
+    (
+        ["train", "--out", "{root}/new", "--data", "{root}/data", "--corpus", "sotu", "--no-progress"],
+        "--corpus",
+    ),
+    # train --resume / eval: a damaged config.json is named, not a traceback
+    (["train", "--out", "{root}/badmodel", "--resume", "--no-progress"], '"model" must be an object'),
+    (["train", "--out", "{root}/badtrain", "--resume", "--no-progress"], '"train" must be an object'),
+    (["train", "--out", "{root}/badbeta", "--resume", "--no-progress"], "train.beta1=1.5"),
+    (["eval", "{root}/badtrain", "--no-speed"], '"train" must be an object'),
+    (["eval", "{root}/badmodel", "--no-speed"], '"model" must be an object'),
+    # an empty output path would silently mean the current directory
+    (["train", "--out", "", "--data", "{root}/data", "--no-progress"], "--out"),
+    (["data", "prepare", "--root", "", "--corpus", "{root}/noise.txt"], "--root"),
     # train: token files that do not match meta.json
     (["train", "--out", "{root}/new", "--data", "{root}/short", "--no-progress", "--set", *TINY], "records"),
     (
@@ -472,3 +504,38 @@ def test_data_prepare_failure_without_a_filename_names_the_dataset(bpe_world, tm
     err = capsys.readouterr().err.strip()
     assert err.startswith("kvlab: error: cannot write ") and "the disk is full" in err and "\n" not in err
     assert list((tmp_path / "data" / "datasets").iterdir()) == []
+
+
+def test_a_resume_with_nothing_to_resume_prepares_no_data(tmp_path, monkeypatch, capsys):
+    """No --data and no run: the refusal comes before a corpus is fetched or a tokenizer trained."""
+    import kvlab.data
+
+    monkeypatch.setattr(kvlab.data, "prepare", lambda *a, **k: pytest.fail("prepared data for nothing"))
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "nonexistent"), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvlab: error: ") and "nothing to resume" in err and "\n" not in err, err
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_a_refused_resume_removes_stale_temp_files(world, tmp_path, capsys):
+    run = tmp_path / "nockpt"
+    shutil.copytree(world / "nockpt", run)
+    before = _snapshot(run)
+    stale = run / ".step-00000002.999.tmp"  # a run killed while writing its first checkpoint
+    stale.mkdir()
+    (stale / "resume.pt").write_bytes(b"\0" * 100)
+    (run / ".checkpoint.999.tmp").symlink_to("step-00000002")
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvlab: error: ") and "nothing to resume" in err and "\n" not in err, err
+    assert _snapshot(run) == before  # the temp files are gone, everything else is as it was
+
+
+def test_resume_repeating_the_starting_flags_is_accepted(world, tmp_path, capsys):
+    """--preset/--attention that describe the run (the command that started it, with --resume) are fine."""
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run, symlinks=True)
+    argv = ["train", "--out", str(run), "--resume", "--preset", "cpu-tiny", "--attention", "mha"]
+    assert main([*argv, "--no-progress", "--set", *TINY]) == 0

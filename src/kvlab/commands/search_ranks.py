@@ -16,7 +16,7 @@ import torch
 
 from kvlab.attention.matryoshka import ranks_config
 from kvlab.checkpoint import load_model, read_config, save_model
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, check_output_path
 from kvlab.search import greedy_rank_search
 
 
@@ -74,6 +74,8 @@ def _save(out: Path, model, config: dict, run_dir: str, result: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_output_path(args.out, "--out")  # before the search, not after it
     config = read_config(args.run_dir)
     model = load_model(args.run_dir, device=args.device)
     if args.calib_tokens < 1:
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         model, batches, args.budget, step=args.step, fraction=args.fraction, progress=args.progress
     )
     _print_table(result, model.config.head_dim)
-    if args.out:
+    if args.out is not None:
         _save(Path(args.out), model, config, args.run_dir, result)
         print(f"saved {args.out} (evaluate with: kvlab eval {args.out})")
     return 0
