@@ -471,6 +471,47 @@ def bpe_world(tmp_path_factory):
     return root, a, b
 
 
+def test_heldout_data_of_another_tokenizer_with_the_same_name_is_refused(bpe_world, capsys):
+    root, a, b = bpe_world
+    capsys.readouterr()
+    assert (
+        main(["eval", str(root / "run"), "--no-speed", "--limit", "2", "--heldout", str(a)]) == 0
+    )  # its own
+    before = _snapshot(root)
+    capsys.readouterr()
+    assert main(["eval", str(root / "run"), "--no-speed", "--heldout", str(b)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvlab: error: ") and "\n" not in err, err
+    assert "a different bpe-300 than the run's" in err, err
+    assert _snapshot(root) == before
+
+
+def test_a_dataset_retokenized_after_training_is_refused_on_resume_and_eval(bpe_world, tmp_path, capsys):
+    """The same dataset directory (same corpus path, same tokenizer name) prepared again from other text:
+    its ids mean other strings, so --resume and eval of the run's own held-out split name the tokenizer."""
+    from kvlab.data import dataset_dir
+
+    root, _, _ = bpe_world
+    (tmp_path / "c.txt").write_text(_corpus_text(2))
+    prepare = ["data", "prepare", "--corpus", str(tmp_path / "c.txt"), "--tokenizer", "bpe-300"]
+    assert main([*prepare, "--root", str(tmp_path / "data")]) == 0
+    data = dataset_dir(tmp_path / "c.txt", "bpe-300", tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(_train_argv(run, data)) == 0
+    (tmp_path / "c.txt").write_text(_corpus_text(3))
+    assert main([*prepare, "--root", str(tmp_path / "data"), "--force"]) == 0
+    before = _snapshot(tmp_path)
+    for argv, needle in (
+        (["train", "--out", str(run), "--resume", "--no-progress"], "data.tokenizer ('bpe-300' -> another"),
+        (["eval", str(run), "--no-speed"], "the run's dataset"),
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("kvlab: error: ") and "\n" not in err and needle in err, err
+    assert _snapshot(tmp_path) == before
+
+
 def test_data_prepare_on_a_full_disk_is_one_line_and_leaves_no_partial_dataset(bpe_world, tmp_path, capsys):
     """A real 1 MB tmpfs with room for the tokenizer files but not the token files (numpy's tofile said
     only "N requested and 0 written", with no errno and no path)."""
