@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kvlab.checkpoint import CONFIG_FILE, read_config
+from kvlab.checkpoint import CONFIG_FILE, CheckpointError, read_config
 from kvlab.errors import KvlabError, OutputError, output_problem
 from kvlab.train import checkpointing as ckpt
 
@@ -31,6 +31,10 @@ def check_resumable(run_dir: Path) -> None:
         ckpt.clean_stale(run_dir)
     except OSError:  # an unreadable or read-only run dir: the check below still says what is wrong
         pass
+    if not Path(run_dir).exists():
+        raise CheckpointError(
+            f"--resume: {run_dir} does not exist, so there is nothing to resume; drop --resume"
+        )
     if not ckpt.has_checkpoint(run_dir):
         ckpt.load_resume_state(run_dir)  # raises: nothing to resume
 
