@@ -88,9 +88,9 @@ while kills < p["kills"]:
     had = ckpt.has_checkpoint(Path(p["run"]))
     pid = start(p["run"], resume, p["log"])
     aimed = len(rounds) % 2 == 1  # every other kill waits for a checkpoint write to begin
-    # random: after 0-3 new commits (counted, so progress does not depend on how busy the machine is),
+    # random: after 0-2 new commits (counted, so progress does not depend on how busy the machine is),
     # then a random fraction of one checkpoint interval; 0 commits: anywhere in start-up
-    commits, seen = rng.randint(0, 3), os.readlink(link) if os.path.islink(link) else None
+    commits, seen = rng.randint(0, 2), os.readlink(link) if os.path.islink(link) else None
     delay = rng.uniform(0, 1.2 * startup) if commits == 0 else rng.uniform(0, interval)
     deadline = time.perf_counter() + delay
     while True:

@@ -141,6 +141,26 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the run directory is damaged") from e
 
 
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """config.json whose sections have the shape kvlab writes: "model" an object of model fields, and
+    "train" and "data" objects (or null) when present; anything else is one line naming the section."""
+    config = read_config(run_dir)
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{Path(run_dir) / CONFIG_FILE} holds {type(config).__name__}, not an object; the run directory "
+            "is damaged: restore config.json or retrain"
+        )
+    for section in ("model", "train", "data"):
+        got = config.get(section)
+        if not isinstance(got, dict) and not (got is None and section != "model"):
+            raise CheckpointError(
+                f'{Path(run_dir) / CONFIG_FILE}: "{section}" must be an object of {section} fields, got '
+                f"{str(config.get(section))[:40]!r}; the run directory is damaged: restore config.json or "
+                "retrain"
+            )
+    return config
+
+
 def _is_hf_dir(path: Path) -> bool:
     """A directory whose config.json is a transformers config (model_type), not a kvlab run's."""
     try:
@@ -176,18 +196,15 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
     `run_dir` may also be `hf:DIR`, a transformers model directory or a fetchable model's name
     (`resolve_source`): those are imported with kvlab.convert.from_hf.
     """
+    from kvlab.inputs import check_device
+
+    device = check_device(device, "device")  # before reading: a device that is not here is not corruption
     kind, run_dir = resolve_source(run_dir)
     if kind == "hf":
         from kvlab.convert import from_hf
 
         return from_hf(run_dir).to(device)
-    config = read_config(run_dir)
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        got = config.get("model") if isinstance(config, dict) else config
-        raise CheckpointError(
-            f'{run_dir / CONFIG_FILE}: "model" must be an object of model fields, got {str(got)[:40]!r}; '
-            "the run directory is damaged: restore config.json or retrain"
-        )
+    config = read_run_config(run_dir)
     try:
         model_cfg = ModelConfig.from_dict(config["model"])
     except (KeyError, TypeError, ConfigError) as e:

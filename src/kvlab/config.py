@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +31,35 @@ def _reject_unknown_fields(cls, d: dict[str, Any], what: str) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"unknown {what} field(s) {unknown}; known fields: {sorted(known)}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _strict_init(cls):
+    """A dataclass whose constructor refuses unknown or extra arguments with one ConfigError line
+    (`ModelConfig(foo=1)`), where the generated __init__ raises a TypeError."""
+    init = cls.__init__
+    signature = inspect.signature(init)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            signature.bind(self, *args, **kwargs)
+        except TypeError as e:
+            unknown = sorted(set(kwargs) - set(known))
+            what = f"unknown field(s) {unknown}" if unknown else str(e)
+            raise ConfigError(f"{cls.__name__}: {what}; known fields: {', '.join(known)}") from None
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
 
 
 def _divisors(n: int) -> str:
@@ -288,6 +320,7 @@ POSITIONS = ("learned", "rope")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
 
+@_strict_init
 @dataclass
 class ModelConfig:
     """A GPT-style model. Field names follow nanoGPT so its configs read the same here; the family fields
@@ -474,6 +507,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+@_strict_init
 @dataclass
 class TrainConfig:
     """One training run (seed 000's nanoGPT loop). Names follow nanoGPT's train.py."""
@@ -500,20 +534,47 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 raise ConfigError(f"train.{name}={v!r} must be a positive integer")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"train.seed={self.seed!r} must be an integer in [0, 2**63)")
+        for name in ("lr", "min_lr", "warmup_frac", "weight_decay", "beta1", "beta2", "grad_clip"):
+            v = getattr(self, name)
+            if not (v is None and name == "min_lr") and (not _is_number(v) or not math.isfinite(v)):
+                raise ConfigError(f"train.{name}={v!r} must be a finite number")
         if not self.lr > 0:
-            raise ConfigError(f"train.lr={self.lr} must be positive")
+            raise ConfigError(f"train.lr={self.lr} must be positive (cpu-tiny: 6e-3, gpt2-124m: 6e-4)")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ConfigError(
                 f"train.min_lr={self.min_lr} must be in [0, lr={self.lr}]; or unset it for lr/10"
             )
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ConfigError(f"train.warmup_frac={self.warmup_frac} must be in [0, 1)")
+        for name in ("beta1", "beta2"):  # AdamW's moving averages: a beta of 1 or more never forgets
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(
+                    f"train.{name}={getattr(self, name)} must be in [0, 1); the usual AdamW betas are "
+                    "beta1=0.9, beta2=0.95"
+                )
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0 (0 disables it)")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"train.dtype={self.dtype!r} unknown; use auto, float32 or bfloat16")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+        if not isinstance(self.device, str):
+            raise ConfigError(
+                f"train.device={self.device!r} must be a string: auto, cpu, cuda, cuda:N or mps"
+            )
+        if self.device != "auto":
+            from kvlab.inputs import parse_device  # late import: inputs imports torch
+
+            try:  # whether this machine has it is checked when training starts
+                parse_device(self.device, "train.device")
+            except KvlabError as e:
+                raise ConfigError(str(e)) from None
+        for name in ("compile", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} must be true or false")
 
     @property
     def final_lr(self) -> float:

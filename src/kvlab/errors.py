@@ -18,12 +18,21 @@ class OutputError(KvlabError):
     """An output path that cannot be written (a file in the way, no permission, read-only, disk full)."""
 
 
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "code: 28")
+
+
 def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC/EDQUOT from Python, or from safetensors' Rust writer (which reports it only as text)."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return type(e).__name__ == "SafetensorError" and ("code: 28" in text or "No space left" in text)
+    """ENOSPC/EDQUOT from Python, from a Rust writer (safetensors, tokenizers: reported only as text), or
+    as the cause or context of another exception (a library's wrapper around the failed write)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e) for t in _DISK_FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 _HINTS = {
@@ -34,6 +43,13 @@ _HINTS = {
     errno.EROFS: "the filesystem is read-only; choose a writable path",
     errno.EISDIR: "it is a directory; choose a file path",
 }
+
+
+def check_output_path(value: str | Path | None, option: str) -> Path:
+    """An output path the user named: an empty one would silently mean the current directory."""
+    if value is None or not str(value).strip():
+        raise OutputError(f"{option} {str(value)!r} is empty: pass the directory to write (a path)")
+    return Path(value)
 
 
 def output_problem(path: str | Path, e: BaseException) -> str:

@@ -6,12 +6,16 @@ alone; `generate` runs the loop, stops at EOS, and reports tokens/s for the deco
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass
 
 import torch
 
 from kvlab.cache import CacheError, KVCache
+from kvlab.errors import KvlabError
+from kvlab.inputs import check_token_ids
 from kvlab.model import GPT
 
 
@@ -42,6 +46,34 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+class GenerationError(KvlabError):
+    """A generation option out of range (max_new_tokens, temperature, top_k, eos_token)."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_generation_options(model, idx, max_new_tokens, temperature, top_k, eos_token) -> None:
+    """Once per generate() call, before anything runs: the options and the prompt's shape and ids."""
+    check_token_ids(idx, model.config.vocab_size)
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if (
+        not isinstance(temperature, numbers.Real)
+        or isinstance(temperature, bool)
+        or not 0 <= temperature < math.inf
+    ):
+        raise GenerationError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise GenerationError(f"top_k={top_k!r} must be an integer >= 1, or None for no top-k filter")
+    vocab = model.config.vocab_size
+    if eos_token is not None and (not _is_int(eos_token) or not 0 <= eos_token < vocab):
+        raise GenerationError(
+            f"eos_token={eos_token!r} must be a token id in the model's vocabulary [0, {vocab}), or None"
+        )
+
+
 def prefill(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the prompt through the model into the cache; returns the last position's logits (B, V)."""
     return model(idx, cache=cache)[:, -1, :]
@@ -69,9 +101,8 @@ def generate(
     seed: int | None = None,
 ) -> GenerationResult:
     """Generate up to max_new_tokens after prompt idx (B, T) with a cache sized prompt + new tokens."""
+    check_generation_options(model, idx, max_new_tokens, temperature, top_k, eos_token)
     B, T = idx.shape
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     max_len = T + max_new_tokens
     if model.wpe is not None and max_len > model.config.block_size:
         raise CacheError(

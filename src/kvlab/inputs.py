@@ -16,14 +16,26 @@ class DeviceError(KvlabError):
     """A device name that is not a device, or a device this machine does not have."""
 
 
-def check_device(name: str, option: str = "--device") -> torch.device:
+def parse_device(name, option: str = "--device", allow_meta: bool = False) -> torch.device:
+    """A device name torch understands and kvlab runs on (cpu, cuda, cuda:N, mps), whether or not this
+    machine has it; `allow_meta`: also torch's "meta" (shapes without storage)."""
+    if isinstance(name, torch.device):
+        dev = name
+    else:
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise DeviceError(f"{option}={name!r} is not a device; use cpu, cuda, cuda:N, mps or auto") from e
+    if dev.type not in ("cpu", "cuda", "mps") and not (allow_meta and dev.type == "meta"):
+        raise DeviceError(f"{option}={str(name)!r}: kvlab runs on cpu, cuda or mps")
+    return dev
+
+
+def check_device(name, option: str = "--device", allow_meta: bool = False) -> torch.device:
     """`auto` = cuda when available, else cpu; anything else must exist on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"{option}={name!r} is not a device; use cpu, cuda, cuda:N, mps or auto") from e
+    dev = parse_device(name, option, allow_meta)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"{option}={name}: this machine has no CUDA GPU visible to torch; use cpu")
@@ -34,8 +46,6 @@ def check_device(name: str, option: str = "--device") -> torch.device:
             )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"{option}={name}: MPS is not available on this machine; use cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise DeviceError(f"{option}={name!r}: kvlab runs on cpu, cuda or mps")
     return dev
 
 
@@ -43,15 +53,24 @@ class InputError(KvlabError):
     """A tensor handed to the model that it cannot read (shape, dtype, token ids out of range)."""
 
 
+TOKEN_DTYPES = (torch.long, torch.int32)  # what nn.Embedding takes as indices
+
+
 def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
-    """idx must be (B, T) integers in [0, vocab_size). The range is checked on CPU tensors only: on a GPU
-    reading min/max would synchronise every decode step (there, the embedding's own assert fires)."""
+    """idx must be a (B, T) torch.long (or int32) tensor of ids in [0, vocab_size).
+
+    The range is checked on CPU tensors only: on a GPU reading min/max would synchronise every decode
+    step (there, the embedding's own assert fires). Under torch.compile tracing it is skipped too (a
+    data-dependent int() breaks the graph on every forward); the shape and dtype checks stay (static).
+    """
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
         shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise InputError(f"token ids must be a (B, T) tensor, got {shape}; add a batch dim: idx[None]")
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise InputError(f"token ids must be an integer tensor (torch.long), got {idx.dtype}")
-    if idx.device.type == "cpu" and idx.numel():
+    if idx.dtype not in TOKEN_DTYPES:
+        raise InputError(
+            f"token ids must be an integer tensor, torch.long (or int32), got {idx.dtype}; use idx.long()"
+        )
+    if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi

@@ -9,6 +9,7 @@ owner map says which layer's KV each layer reads, and the cache is built from th
 from __future__ import annotations
 
 import json
+import numbers
 from contextlib import nullcontext
 
 import torch
@@ -19,8 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kvlab.attention import KVStructure, get_variant
 from kvlab.attention.base import init_linear_, residual_std
 from kvlab.cache import CacheError, KVCache
-from kvlab.config import ModelConfig
-from kvlab.inputs import check_token_ids
+from kvlab.config import ConfigError, ModelConfig
+from kvlab.inputs import check_device, check_token_ids
 
 # cuDNN's SDPA builds a new execution plan for every new sequence length (about 5 ms of CPU per call on
 # an H100 with torch 2.11, measured), and generation changes the length every step (the cache's keys, or
@@ -86,8 +87,30 @@ class Block(nn.Module):
         return x, new_kv
 
 
+def _check_cache_size(batch_size, max_len) -> None:
+    for name, v in (("batch_size", batch_size), ("max_len", max_len)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v <= 0:
+            raise CacheError(f"{name}={v!r} must be a positive integer")
+
+
+def _check_cache_dtype(dtype) -> torch.dtype:
+    """What new_cache and kv_cache_bytes take: a floating torch.dtype (integers would round K/V)."""
+    if not isinstance(dtype, torch.dtype):
+        raise CacheError(
+            f"cache dtype {dtype!r} must be a torch.dtype such as torch.bfloat16 or torch.float32"
+        )
+    if not dtype.is_floating_point:
+        raise CacheError(f"cache dtype {dtype} would round K/V to integers; use a floating dtype")
+    return dtype
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
+        if not isinstance(cfg, ModelConfig):
+            raise ConfigError(
+                f"GPT takes a ModelConfig, got {type(cfg).__name__}; build one with ModelConfig(**fields), "
+                "ModelConfig.from_dict(d) or ModelConfig.preset(name)"
+            )
         super().__init__()
         self.config = cfg
         self.owners = cfg.attention.owners(cfg.n_layer)
@@ -126,6 +149,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         pos = 0
         if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise CacheError(
+                    f"cache must be a KVCache from model.new_cache(...), got {type(cache).__name__}"
+                )
             cache.check_model(self._structure_key(), idx.device)
             cache.check_append(B, T)
             pos = cache.pos
@@ -165,16 +192,13 @@ class GPT(nn.Module):
     ) -> KVCache:
         """A preallocated cache holding only the KV-owning layers' reduced state."""
         max_len = self.config.block_size if max_len is None else max_len
-        if max_len <= 0 or batch_size <= 0:
-            raise CacheError(f"batch_size={batch_size} and max_len={max_len} must be positive")
+        _check_cache_size(batch_size, max_len)
         if self.wpe is not None and max_len > self.config.block_size:
             raise CacheError(
                 f"max_len={max_len} exceeds block_size={self.config.block_size}; learned positions stop there"
             )
-        dtype = dtype or self._param_dtype()
-        if not dtype.is_floating_point:
-            raise CacheError(f"cache dtype {dtype} would round K/V to integers; use a floating dtype")
-        device = torch.device(device) if device is not None else self.wte.weight.device
+        dtype = _check_cache_dtype(dtype or self._param_dtype())
+        device = self.wte.weight.device if device is None else check_device(device, "device", allow_meta=True)
         states = [
             b.attn.new_state(batch_size, max_len, device, dtype) if self.owners[i] == i else None
             for i, b in enumerate(self.blocks)
@@ -194,9 +218,8 @@ class GPT(nn.Module):
 
     def kv_cache_bytes(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> int:
         """Analytic bytes of new_cache(batch_size, max_len, dtype); equals cache.nbytes() exactly."""
-        if not (isinstance(batch_size, int) and isinstance(max_len, int) and batch_size > 0 and max_len > 0):
-            raise CacheError(f"batch_size={batch_size!r} and max_len={max_len!r} must be positive integers")
-        dtype = dtype or self._param_dtype()
+        _check_cache_size(batch_size, max_len)
+        dtype = _check_cache_dtype(dtype or self._param_dtype())
         return sum(b.attn.cache_bytes(batch_size, max_len, dtype) for b in self.blocks)
 
     def kv_metrics(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:

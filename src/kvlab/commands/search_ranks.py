@@ -16,7 +16,7 @@ import torch
 
 from kvlab.attention.matryoshka import matryoshka_layers, ranks_config
 from kvlab.checkpoint import load_model, names_hf_model, read_config, save_model
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, check_output_path
 from kvlab.search import greedy_rank_search
 
 
@@ -112,6 +112,8 @@ def _check_data(data_dir: str, config: dict, vocab_size: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_output_path(args.out, "--out")  # before the search, not after it
     if args.calib_tokens < 1:
         raise KvlabError(f"--calib-tokens={args.calib_tokens} must be positive")
     model, config = _load_source(args)
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         model, batches, args.budget, step=args.step, fraction=args.fraction, progress=args.progress
     )
     _print_table(result, model.config.head_dim)
-    if args.out:
+    if args.out is not None:
         _save(Path(args.out), model, config, args.run_dir, result)
         print(f"saved {args.out} (evaluate with: kvlab eval {args.out})")
     return 0

@@ -7,9 +7,12 @@ import time
 
 from kvlab.data.corpora import CORPORA, SPLITS
 from kvlab.data.tokenfiles import prepare, read_meta
+from kvlab.errors import check_output_path
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    if args.root is not None:
+        check_output_path(args.root, "--root")  # "" would silently mean the current directory
     t0 = time.perf_counter()
     out = prepare(args.corpus, args.tokenizer, root=args.root, force=args.force, verbose=True)
     meta = read_meta(out)

@@ -18,7 +18,7 @@ import numpy as np
 from kvlab.data.corpora import SPLITS, Corpus, corpus_name, load_corpus
 from kvlab.data.fetch import DataError, data_root
 from kvlab.data.tokenizers import Tokenizer, bpe_vocab_size, load_tokenizer, tokenizer_slug, train_bpe
-from kvlab.errors import OutputError, output_problem
+from kvlab.errors import OutputError, is_disk_full, output_problem
 
 ENCODE_BATCH = 64  # documents per encode_batch call: big enough to use every core, small enough for tqdm
 
@@ -107,7 +107,8 @@ def _write_split(path: Path, tokenizer: Tokenizer, texts: list[str], dtype: np.d
             parts.append(np.asarray([tokenizer.eot_token], dtype=dtype))  # nanoGPT: EOT after each document
         progress.update(sum(len(t) for t in batch))
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    tokens.tofile(path)
+    with open(path, "wb") as f:  # not tokens.tofile: on a full disk it raises OSError without an errno
+        f.write(np.ascontiguousarray(tokens).data)
     return tokens
 
 
@@ -119,8 +120,6 @@ def prepare(
     verbose: bool = False,
 ) -> Path:
     """Build (or reuse) `<root>/datasets/<corpus>-<tokenizer>/` and return that directory."""
-    from tqdm.auto import tqdm
-
     root = Path(root) if root is not None else data_root()
     out = dataset_dir(corpus, tokenizer, root)
     if not force and _is_complete(out):
@@ -140,21 +139,43 @@ def prepare(
             + ("training on the train split" if bpe_vocab_size(tokenizer) else "loading")
         )
     tok = _make_tokenizer(tokenizer, docs, root)
-    dtype = token_dtype(tok.vocab_size)
     tmp = out.with_name(out.name + ".partial")
+    try:
+        _write_dataset(tmp, out, docs, tok, verbose, t0)
+    except BaseException as e:  # a full disk, no permission, Ctrl-C: no half-written dataset stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or is_disk_full(e):
+            raise OutputError(output_problem(out, e)) from e
+        raise
+    return out
+
+
+def _write_dataset(tmp: Path, out: Path, docs: Corpus, tok: Tokenizer, verbose: bool, t0: float) -> None:
+    """Write every file into `tmp`, then rename it to `out` (meta.json last: it marks completion)."""
+    from tqdm.auto import tqdm
+
+    dtype = token_dtype(tok.vocab_size)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok.save(tmp)
     splits_meta, entropy = {}, None
     total_chars = sum(len(d.text) for s in SPLITS for d in docs.splits[s])
-    with tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not verbose) as bar:
-        for split in SPLITS:
-            texts = [d.text for d in docs.splits[split]]
-            tokens = _write_split(tmp / f"{split}.bin", tok, texts, dtype, bar)
-            write_max_id_memo(tmp / f"{split}.bin", tokens)
-            splits_meta[split] = {"tokens": int(tokens.size), "documents": len(texts)}
-            if split == "train":
-                entropy = unigram_entropy(tokens, tok.vocab_size)
+    # disable=None: a bar on a terminal only; in a log or a pipe, stderr keeps just the one error line
+    bar = tqdm(
+        total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=None if verbose else True
+    )
+    with bar:
+        try:
+            for split in SPLITS:
+                texts = [d.text for d in docs.splits[split]]
+                tokens = _write_split(tmp / f"{split}.bin", tok, texts, dtype, bar)
+                write_max_id_memo(tmp / f"{split}.bin", tokens)
+                splits_meta[split] = {"tokens": int(tokens.size), "documents": len(texts)}
+                if split == "train":
+                    entropy = unigram_entropy(tokens, tok.vocab_size)
+        except BaseException:
+            bar.leave = False  # erase the bar: the error's one line is what stays on the terminal
+            raise
     with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as f:
         for d in docs.splits["heldout"]:
             f.write(json.dumps({"title": d.title, "text": d.text}, ensure_ascii=False) + "\n")
@@ -174,7 +195,6 @@ def prepare(
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return out
 
 
 # --- readers and checks -------------------------------------------------------------------------------

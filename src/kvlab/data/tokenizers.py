@@ -48,6 +48,10 @@ class Tokenizer:
     def save(self, directory: str | Path) -> Path:
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """sha256 of what decides the encodings (vocabulary, merges, pre-tokenizer), not of the name."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         fields = f"name={self.name!r}, vocab_size={self.vocab_size}, eot_token={self.eot_token}"
         return f"{type(self).__name__}({fields})"
@@ -95,6 +99,9 @@ class TiktokenTokenizer(Tokenizer):
     def _info(self) -> dict:
         return {"vocab_size": self.vocab_size, "eot_token": self.eot_token}
 
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"tiktoken:{GPT2_PATTERN}:{_sha256(self.ranks_file)}".encode()).hexdigest()
+
 
 class BPETokenizer(Tokenizer):
     """Byte-level BPE from HF `tokenizers` (lossless on any text); `<|endoftext|>` is token 0."""
@@ -129,6 +136,37 @@ class BPETokenizer(Tokenizer):
         info = {"vocab_size": self.vocab_size, "eot_token": self.eot_token}
         _write_descriptor(directory, {"type": "bpe", "name": self.name, "file": "tokenizer.json", **info})
         return directory
+
+    def fingerprint(self) -> str:
+        # Re-serialised by this `tokenizers` version (a file written by another one hashes the same);
+        # truncation and padding are call settings, not the tokenizer.
+        spec = json.loads(self._tok.to_str())
+        for setting in ("truncation", "padding"):
+            spec.pop(setting, None)
+        return hashlib.sha256(("bpe:" + json.dumps(spec, sort_keys=True)).encode()).hexdigest()
+
+
+def holds_tokenizer(directory: str | Path) -> bool:
+    """Whether `directory` (a dataset or run directory) has tokenizer files that load_tokenizer reads."""
+    d = Path(directory)
+    return any((d / name).is_file() for name in (DESCRIPTOR, "tokenizer.json", GPT2_FILE))
+
+
+def same_tokenizer(a: Tokenizer | str | Path, b: Tokenizer | str | Path) -> bool | None:
+    """Whether a and b (tokenizers, or directories holding one) are the same tokenizer: compared by what
+    they encode with (`fingerprint`), so two different `bpe-512`s differ. None: a directory holds no
+    tokenizer files, so only the names recorded in meta.json / config.json can be compared."""
+    prints = []
+    for t in (a, b):
+        if not isinstance(t, Tokenizer):
+            if not isinstance(t, (str, Path)) or not holds_tokenizer(t):
+                return None
+            t = load_tokenizer(t)
+        try:
+            prints.append(t.fingerprint())
+        except NotImplementedError:  # a user's own Tokenizer subclass: nothing to compare by content
+            return None
+    return prints[0] == prints[1]
 
 
 def _write_descriptor(directory: Path, info: dict) -> None:

@@ -116,14 +116,34 @@ def resolve_corpus(
                 f"the run's dataset {dataset_dir} is missing; re-run `kvlab data prepare` or pass "
                 "--heldout CORPUS"
             )
+        check_dataset_tokenizer(
+            Path(dataset_dir), tokenizer, run_tokenizer, f"the run's dataset {dataset_dir}"
+        )
         return dataset_corpus(dataset_dir, DEFAULT_CORPUS, cloze_size, seed)
     path = Path(name)
     if path.is_dir() and (path / "meta.json").is_file():
-        made_with = _data().read_meta(path).get("tokenizer")
-        if run_tokenizer is not None and made_with != run_tokenizer:
-            raise CorpusError(
-                f"--heldout {name} was tokenized with {made_with} but the run uses {run_tokenizer}; "
-                f"prepare it with `kvlab data prepare --corpus CORPUS --tokenizer {run_tokenizer}`"
-            )
+        check_dataset_tokenizer(path, tokenizer, run_tokenizer, f"--heldout {name}")
         return dataset_corpus(path, path.name, cloze_size, seed)
     return named_corpus(name, tokenizer, cloze_size, seed)
+
+
+def check_dataset_tokenizer(path: Path, tokenizer, run_tokenizer: str | None, what: str) -> None:
+    """A dataset's token ids mean the run's strings only if it was made with the run's very tokenizer: the
+    recorded names must agree, and so must the tokenizers themselves where both have their files (two
+    `bpe-512`s trained on different text differ)."""
+    data = _data()
+    made_with = data.read_meta(path).get("tokenizer")
+    same = run_tokenizer is None or made_with == run_tokenizer
+    if same and tokenizer is not None:
+        same = data.same_tokenizer(tokenizer, path) is not False
+    if not same:
+        made = (
+            f"a different {made_with} than the run's (same name, other vocabulary or merges)"
+            if made_with == run_tokenizer
+            else f"{made_with} but the run uses {run_tokenizer}"
+        )
+        raise CorpusError(
+            f"{what} was tokenized with {made}; its token ids mean other text to this model: "
+            "pass the corpus itself (--heldout NAME or a text path), which kvlab eval tokenizes with the "
+            "run's tokenizer"
+        )

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvlab.checkpoint import check_tokenizer, load_model, read_config, resolve_source
+from kvlab.checkpoint import check_tokenizer, load_model, read_run_config, resolve_source
 from kvlab.errors import KvlabError
 from kvlab.eval.cloze import lambada_metrics
 from kvlab.eval.corpora import CLOZE_SIZE, DEFAULT_CORPUS, CorpusError, HeldoutCorpus, resolve_corpus
@@ -42,7 +42,7 @@ def _run_context(run_dir: Path, device) -> dict[str, Any]:
     """Model, tokenizer, dataset dir and eval settings of a run directory (or an HF model: hf:DIR, a
     fetchable model's name), whose tokenizer sits beside its weights."""
     kind, run_dir = resolve_source(run_dir)
-    config = read_config(run_dir) if kind == "run" else {}
+    config = read_run_config(run_dir) if kind == "run" else {}
     model = load_model(run_dir, device=device)
     train, data_cfg = config.get("train") or {}, config.get("data") or {}
     tokenizer, tokenizer_error = None, None

@@ -47,31 +47,28 @@ class UptrainError(KvlabError):
     """An uptraining request kvlab cannot carry out; the message names the problem and the fix."""
 
 
-PROBE = "Retrofitting keeps the tokenizer: 12 apples, naïve café.\n\tThe END."
-
-
 def check_tokenizer(source_dir: Path | None, data_dir: Path, meta: dict[str, Any], model: GPT) -> None:
     """The data must be tokenized like the source (a kvlab run, or an HF model directory holding its
-    tokenizer) and its ids must fit the model's vocabulary. When both tokenizers are on disk they must
-    encode a probe text identically (names may differ: `smollm2-135m` and `hf:DIR` can be one tokenizer);
-    otherwise the names the run and the data record must agree."""
+    tokenizer) and its ids must fit the model's vocabulary. When both tokenizers are on disk they are
+    compared by content (kvlab.data.same_tokenizer: names may differ, `smollm2-135m` and `hf:DIR` can be
+    one tokenizer); otherwise the names the run and the data record must agree."""
     resolve_vocab(model.config, meta, fixed=True)  # one-line DataError when the ids do not fit
     if source_dir is None:
         return
-    config = read_config(source_dir)
-    want = (config.get("data") or {}).get("tokenizer") if "model" in config else f"the tokenizer in {source_dir}"
-    got = meta.get("tokenizer")
-    try:
-        from kvlab.data import load_tokenizer
+    from kvlab.data import same_tokenizer
 
-        same = load_tokenizer(source_dir).encode(PROBE) == load_tokenizer(data_dir).encode(PROBE)
-    except (KvlabError, FileNotFoundError, ImportError):  # one side has no tokenizer files: the names
+    config = read_config(source_dir)
+    is_run = "model" in config
+    want = (config.get("data") or {}).get("tokenizer") if is_run else f"the tokenizer in {source_dir}"
+    got = meta.get("tokenizer")
+    same = same_tokenizer(source_dir, data_dir)
+    if same is None:  # one side has no tokenizer files: the names
         same = want is None or want == got
     if not same:
-        hint = want if "model" in config else f"hf:{source_dir}"
+        flag = want if is_run else f"hf:{source_dir}"
         raise UptrainError(
             f"{data_dir} was tokenized with {got!r}, not with {want!r} of the source; prepare the data with "
-            f"the source's tokenizer (kvlab data prepare --tokenizer {hint})"
+            f"the source's tokenizer (kvlab data prepare --tokenizer {flag})"
         )
 
 

@@ -102,16 +102,18 @@ def commit_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: d
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         write_weights(tmp / WEIGHTS_FILE, weights_state(model))
-        torch.save(state, tmp / RESUME_FILE)
+        write_resume_state(tmp / RESUME_FILE, state)
         (tmp / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
         if final.exists() and final.resolve() != previous:  # an uncommitted leftover of a killed run
             shutil.rmtree(final)
         os.rename(tmp, final)
         _replace_symlink(final.name, run_dir / CHECKPOINT_LINK)  # the commit point
-    except (OSError, SafetensorError) as e:
+    except BaseException as e:  # whatever stopped the write, nothing half written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         if final.exists() and final.resolve() != committed_dir(run_dir):
             shutil.rmtree(final, ignore_errors=True)
+        if not (isinstance(e, (OSError, SafetensorError)) or is_disk_full(e)):
+            raise
         kept = f"the checkpoint of step {_step_of(previous)}" if previous else "no earlier checkpoint"
         if is_disk_full(e):
             raise DiskFull(
@@ -125,6 +127,13 @@ def commit_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: d
     ensure_links(run_dir)
     if previous is not None and previous != final.resolve():
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def write_resume_state(path: Path, state: dict) -> None:
+    """torch.save through a Python file: a full disk then raises OSError(ENOSPC), where torch.save(path)
+    reports only "[enforce fail at inline_container.cc] ... file write failed" (a RuntimeError)."""
+    with open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _step_of(path: Path) -> int:

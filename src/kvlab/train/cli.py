@@ -14,9 +14,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from kvlab.checkpoint import read_config
+from kvlab.checkpoint import CONFIG_FILE, CheckpointError, read_run_config
 from kvlab.config import MODEL_PRESETS, AttentionConfig, ConfigError, ModelConfig, TrainConfig
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, check_output_path
 
 EXAMPLES = """examples:
   kvlab train --preset cpu-tiny --attention gqa --out runs/gqa
@@ -45,6 +45,11 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(
                 f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION train, model or attention "
                 "(e.g. train.max_iters=200)"
+            )
+        if section == "model" and name == "attention":  # build_configs sets it from --attention
+            raise ConfigError(
+                f"--set {item!r}: the attention structure is chosen with --attention PRESET (mha, gqa, mla, "
+                "...) and its fields with --set attention.FIELD=VALUE (e.g. attention.n_kv_heads=2)"
             )
         try:
             value = json.loads(raw)
@@ -93,18 +98,37 @@ def check_type(section: str, name: str, value: Any, raw: str) -> Any:
     raise ConfigError(f"--set {section}.{name}={raw}: {section}.{name} takes {expected}")
 
 
-def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path | None]:
+# What --preset, --attention, --corpus and --tokenizer mean when not given. They default to None in
+# argparse so that --resume can tell a flag given (and compared with the run) from one left out.
+FLAG_DEFAULTS = {"preset": "cpu-tiny", "attention": "mha", "corpus": "shakespeare", "tokenizer": "bpe-8k"}
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The flags of FLAG_DEFAULTS the user gave; fills in the defaults of the others on `args`."""
+    given = {k: getattr(args, k) for k in FLAG_DEFAULTS if getattr(args, k, None) is not None}
+    for k, v in FLAG_DEFAULTS.items():
+        setattr(args, k, given.get(k, v))
+    return given
+
+
+def build_configs(
+    args: argparse.Namespace, given: dict[str, str] | None = None
+) -> tuple[ModelConfig, TrainConfig, Path | None]:
     """The resolved configs and the dataset dir (None: prepare the default corpus)."""
     from kvlab.train.presets import train_preset
 
+    given = given_flags(args) if given is None else given
     sets = parse_sets(args.set or [])
     data = Path(args.data) if args.data else None
-    if args.resume and (Path(args.out) / "config.json").is_file():
-        saved = read_config(args.out)
+    if args.resume:
+        saved = read_run_config(args.out)
+        saved_model, saved_train = _saved_configs(saved, Path(args.out))
+        _check_resume_flags(given, saved, saved_model, sets, Path(args.out))
         model_d = dict(saved["model"])
-        train_d = dict(saved.get("train", {}))
-        data = data or (Path(saved["data"]["dir"]) if saved.get("data", {}).get("dir") else None)
-        attention = AttentionConfig.from_dict(model_d.pop("attention"))
+        train_d = saved_train.to_dict()
+        data = data or (Path(saved["data"]["dir"]) if (saved.get("data") or {}).get("dir") else None)
+        attention = saved_model.attention
+        model_d.pop("attention")
     else:
         if args.preset not in MODEL_PRESETS:
             raise ConfigError(f"unknown --preset {args.preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
@@ -117,6 +141,59 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, P
     model_cfg = ModelConfig.from_dict({**model_d, "attention": attention})
     train_cfg = TrainConfig.from_dict({**train_d, **sets["train"]})
     return model_cfg, train_cfg, data
+
+
+def _saved_configs(saved: dict[str, Any], run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
+    """The run's own model and train configs, or one line saying config.json is damaged."""
+    try:
+        return ModelConfig.from_dict(saved["model"]), TrainConfig.from_dict(saved.get("train") or {})
+    except ConfigError as e:
+        raise CheckpointError(
+            f"{run_dir / CONFIG_FILE}: {e}; the run directory is damaged: restore config.json or train a "
+            "new --out"
+        ) from e
+
+
+def _check_resume_flags(
+    given: dict[str, str], saved: dict[str, Any], saved_model: ModelConfig, sets: dict, run_dir: Path
+) -> None:
+    """--resume with --preset/--attention/--corpus/--tokenizer: they must describe the run being continued
+    (repeating the command that started it is fine); a flag that would be ignored is named instead."""
+    from kvlab.config import attention_preset
+    from kvlab.train.rundir import config_differences
+
+    diffs = []
+    if "attention" in given:
+        shape = (saved_model.n_layer, saved_model.n_head, saved_model.n_embd)
+        want = attention_preset(given["attention"], *shape).to_dict()
+        want = AttentionConfig.from_dict({**want, **sets["attention"]}).to_dict()
+        found = config_differences(saved_model.attention.to_dict(), want, "attention")
+        diffs += [f"--attention {given['attention']}: {', '.join(found)}"] if found else []
+    if "preset" in given:
+        if given["preset"] not in MODEL_PRESETS:
+            raise ConfigError(
+                f"unknown --preset {given['preset']!r}; choose one of {', '.join(MODEL_PRESETS)}"
+            )
+        fields = {**MODEL_PRESETS[given["preset"]], **sets["model"], "attention": "mha"}  # fits any shape
+        want = ModelConfig.from_dict(fields).to_dict()
+        have = saved_model.to_dict()
+        for d in (want, have):  # the vocabulary comes from the data; the attention is --attention's
+            del d["vocab_size"], d["attention"]
+        found = config_differences(have, want, "model")
+        diffs += [f"--preset {given['preset']}: {', '.join(found[:4])}"] if found else []
+    data = saved.get("data") or {}
+    if "corpus" in given:
+        from kvlab.data.corpora import corpus_name
+
+        if corpus_name(given["corpus"]) != data.get("corpus"):
+            diffs.append(f"--corpus {given['corpus']}: the run was trained on {data.get('corpus')!r}")
+    if "tokenizer" in given and given["tokenizer"] != data.get("tokenizer"):
+        diffs.append(f"--tokenizer {given['tokenizer']}: the run uses {data.get('tokenizer')!r}")
+    if diffs:
+        raise ConfigError(
+            f"--resume: {'; '.join(diffs)} (from {run_dir / CONFIG_FILE}); a resumed run keeps its model and "
+            "data: drop those flags (or repeat the ones that started the run), or train a new --out"
+        )
 
 
 def _check_vocab_override(model_sets: dict[str, Any], data: Path) -> None:
@@ -137,10 +214,22 @@ def _check_vocab_override(model_sets: dict[str, Any], data: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvlab.train.loop import train
+    from kvlab.train.rundir import check_resumable
 
+    check_output_path(args.out, "--out")
+    given = given_flags(args)
+    if args.data and {"corpus", "tokenizer"} & set(given):
+        raise ConfigError(
+            "--corpus and --tokenizer choose the data to prepare when --data is not given; drop them or "
+            "--data"
+        )
     if args.attention_file:
         return run_attention_file(args)
-    model_cfg, train_cfg, data = build_configs(args)
+    if args.resume:
+        if args.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one")
+        check_resumable(Path(args.out))  # before a corpus is fetched or a tokenizer trained for nothing
+    model_cfg, train_cfg, data = build_configs(args, given)
     if data is None:
         try:
             from kvlab.data import prepare
@@ -207,14 +296,14 @@ def register(sub) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", default="cpu-tiny", help=f"model preset: {', '.join(MODEL_PRESETS)}")
+    p.add_argument("--preset", help=f"model preset (default cpu-tiny): {', '.join(MODEL_PRESETS)}")
     p.add_argument(
-        "--attention", default="mha", help="attention preset: mha, gqa, mqa, mla, cla2, mlkv-N, ..."
+        "--attention", help="attention preset (default mha): mha, gqa, mqa, mla, cla2, mlkv-N, ..."
     )
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--data", help="dataset directory (from `kvlab data prepare`); default: prepare --corpus")
-    p.add_argument("--corpus", default="shakespeare", help="corpus to prepare when --data is not given")
-    p.add_argument("--tokenizer", default="bpe-8k", help="tokenizer to prepare with when --data is not given")
+    p.add_argument("--corpus", help="corpus to prepare when --data is not given (default shakespeare)")
+    p.add_argument("--tokenizer", help="tokenizer to prepare with when --data is not given (default bpe-8k)")
     p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config fields")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's checkpoints in --out")

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kvlab.checkpoint import CONFIG_FILE, read_config
+from kvlab.checkpoint import CONFIG_FILE, CheckpointError, read_config
 from kvlab.errors import KvlabError, OutputError, output_problem
 from kvlab.train import checkpointing as ckpt
 
@@ -24,9 +24,24 @@ class RunExists(KvlabError):
     """--out already holds a trained run and neither resume nor overwrite was asked for."""
 
 
+def check_resumable(run_dir: Path) -> None:
+    """--resume: remove what a killed writer left, then refuse in one line when no checkpoint was ever
+    committed (nothing else in run_dir is touched)."""
+    try:
+        ckpt.clean_stale(run_dir)
+    except OSError:  # an unreadable or read-only run dir: the check below still says what is wrong
+        pass
+    if not Path(run_dir).exists():
+        raise CheckpointError(
+            f"--resume: {run_dir} does not exist, so there is nothing to resume; drop --resume"
+        )
+    if not ckpt.has_checkpoint(run_dir):
+        ckpt.load_resume_state(run_dir)  # raises: nothing to resume
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume and not ckpt.has_checkpoint(run_dir):
-        ckpt.load_resume_state(run_dir)  # raises: nothing to resume (and nothing is touched)
+    if resume:
+        check_resumable(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(run_dir)
@@ -75,12 +90,26 @@ def check_resume_config(
     if data_dict is not None:
         old = {k: v for k, v in (saved.get("data") or {}).items() if k in DATA_KEYS}
         train_diff += config_differences(old, {k: v for k, v in data_dict.items() if k in DATA_KEYS}, "data")
+        if not any(d.startswith("data.tokenizer") for d in train_diff) and data_dict.get("dir"):
+            train_diff += _tokenizer_difference(run_dir, Path(data_dict["dir"]), old.get("tokenizer"))
     if train_diff and not allow_changes:
         raise KvlabError(
             f"--resume: {', '.join(train_diff)} differ from {run_dir / CONFIG_FILE}; a resumed run keeps "
             "its config: drop the --set/--data, or pass --allow-config-change to continue (recorded)"
         )
     return train_diff
+
+
+def _tokenizer_difference(run_dir: Path, data_dir: Path, name: str | None) -> list[str]:
+    """The data tokenized by another tokenizer of the same name than the run's (the tokenizer files the run
+    saved at its start): a re-prepared dataset whose token ids now mean other text."""
+    try:
+        from kvlab.data import same_tokenizer
+    except ImportError:
+        return []
+    if same_tokenizer(run_dir, data_dir) is False:
+        return [f"data.tokenizer ({name!r} -> another {name!r}: same name, other vocabulary or merges)"]
+    return []
 
 
 def diverging_warning(val_loss: float, vocab_size: int, step: int, lr: float) -> str | None:
