@@ -332,3 +332,16 @@ def test_cli_export_refuses_what_hf_cannot_express(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     assert main(["export", str(run), "--format", "kvlab", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_converted_mla_has_no_deepseek_counterpart_one_line():
+    """to_mla's options (a RoPE key per KV head, chosen frequencies, a linear latent) are not DeepSeek's:
+    exporting such a model is refused in one line naming the option, instead of a wrong or broken file."""
+    from kvlab.convert.mla import mla_rank_bound, to_mla
+
+    torch.manual_seed(0)
+    model = from_hf(_randomise(_llama()))
+    mla = to_mla(model, mla_rank_bound(model))
+    with pytest.raises(ConvertError, match="one RoPE key shared by all heads") as e:
+        to_hf(mla)
+    assert "\n" not in str(e.value) and "--format kvlab" in str(e.value)

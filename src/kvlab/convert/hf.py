@@ -148,7 +148,15 @@ def hf_counterpart(cfg: ModelConfig):
             checks += [
                 (not cfg.bias, "DeepSeek MLA has no biases"),
                 (att.rope_theta in (None, cfg.rope_theta), "DeepSeek MLA uses the model's rope_theta"),
-            ]
+                # what kvlab.convert.mla gives a converted model (per-KV-head RoPE keys at chosen
+                # frequencies, a linear latent) has no place in DeepSeek's layout
+                ((att.rope_heads or 1) == 1, f"DeepSeek MLA has one RoPE key shared by all heads, this "
+                 f"model {att.rope_heads} (one per KV head, as to_mla converts)"),
+                (att.rope_pairs is None, "DeepSeek MLA rotates all of its RoPE key's frequencies, this model "
+                 "a chosen subset (rope_pairs, as to_mla converts)"),
+                (att.latent_norm is not False, "DeepSeek MLA normalises its latent (kv_a_layernorm), this "
+                 "model does not (latent_norm=False, as to_mla converts)"),
+            ]  # fmt: skip
         else:
             checks.append((cfg.rotary_pct == 1.0, "Llama rotates whole heads (rotary_pct=1)"))
     else:  # pragma: no cover - ModelConfig validates family
