@@ -137,3 +137,13 @@ def test_teacher_that_does_not_match_is_refused(source, tmp_path, capsys):
     assert main([*argv, "--out", str(root / "bad3"), "--teacher", str(tmp_path / "t")]) == 2
     assert "teacher's vocab_size=128" in capsys.readouterr().err
     assert not (root / "bad3").exists()
+
+
+def test_empty_out_is_refused_before_anything_runs(source, capsys, tmp_path, monkeypatch):
+    run, data, _ = source
+    monkeypatch.chdir(tmp_path)
+    argv = ["uptrain", "--from", str(run), "--to", "mqa", "--data", str(data), "--out", ""]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--out '' is empty" in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []

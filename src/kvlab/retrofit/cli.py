@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, check_output_path
 from kvlab.retrofit.source import load_source
 
 EXAMPLES = """examples:
@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.retrofit.uptrain import check_block_size, format_table, uptrain
     from kvlab.train.cli import parse_sets
 
+    check_output_path(args.out, "--out")  # "" would silently mean the current directory
     sets = parse_sets(args.set or [])
     if sets["attention"] or set(sets["model"]) - {"block_size"}:
         raise KvlabError(
