@@ -2,8 +2,10 @@
 
 results.json has one row per (method, regime) with every numeric metric as mean/std/values over seeds
 and the run's config; results.md is shaped like seed 000's table (a row per method, columns per regime
-and metric, "mean ± std"); pareto.png plots held-out loss against KV bytes/token (log x) per regime with
-the Pareto frontier (lower-left is better on both axes).
+and metric, "mean ± std"; the measured cache bytes per token at each regime's context beside the
+asymptotic KV bytes); pareto.png plots held-out loss against KV bytes/token (log x) per regime with the
+Pareto frontier (lower-left is better on both axes) and, as a hollow square on the same loss, the cache
+bytes per token measured at that regime's context.
 """
 
 from __future__ import annotations
@@ -147,7 +149,14 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list
     (plus per-corpus held-out losses and zero-shot accuracies where the regime has them)."""
     by = {(r["method"], r["regime"]): r for r in rows}
     columns = {reg: REGIME_COLUMNS + extra_columns(rows, reg) for reg in regimes}
-    header = ["Method", "kind", "KV B/token ↓", "KV B/token all layers ↓", "cache measured = analytic"]
+    header = [
+        "Method",
+        "kind",
+        "KV B/token ↓",
+        "measured B/token @ctx ↓",
+        "KV B/token all layers ↓",
+        "cache measured = analytic",
+    ]
     for reg in regimes:
         header += [f"{title} {reg} {'↓' if low else '↑'}" for _, title, low in columns[reg]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -163,6 +172,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list
             m,
             kind,
             _fmt(first["metrics"].get("kv_bytes_per_token"), 0),
+            measured_per_token(present),
             _fmt(first["metrics"].get("kv_bytes_per_token_total"), 0),
             check,
         ]
@@ -172,6 +182,18 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list
                 cells.append(_fmt(row["metrics"].get(key), _digits(key)) if row else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def measured_per_token(rows: list[dict[str, Any]]) -> str:
+    """measured_cache_bytes_per_token at each context length the method's regimes use: "40 @16, 12 @64"
+    (bf16, per layer; equal to KV B/token for a cache that grows by the same bytes every token)."""
+    seen: dict[int, str] = {}
+    for r in rows:
+        m = r["metrics"]
+        if "measured_cache_bytes_per_token" in m and "cache_tokens" in m:
+            ctx = int(m["cache_tokens"]["mean"])
+            seen.setdefault(ctx, f"{m['measured_cache_bytes_per_token']['mean']:.4g} @{ctx}")
+    return ", ".join(seen[c] for c in sorted(seen)) or "–"
 
 
 def details_tables(rows: list[dict[str, Any]], methods: list[str], regimes: list[str]) -> str:
@@ -229,6 +251,7 @@ def plot_pareto(
                 r["metrics"]["kv_bytes_per_token"],
                 r["metrics"]["heldout_loss"],
                 r["metrics"].get("step0.heldout_loss"),
+                r["metrics"].get("measured_cache_bytes_per_token"),
             )  # fmt: skip
             for m in methods
             for r in rows
@@ -249,9 +272,15 @@ def plot_pareto(
             zorder=1,
             label="Pareto frontier",
         )
-        step0_drawn = False
-        for i, (m, _, y, y0) in enumerate(pts):
+        step0_drawn = measured_drawn = False
+        for i, (m, _, y, y0, xm) in enumerate(pts):
             on = i in front
+            if xm is not None:  # what the cache really holds per token at this context, same loss
+                ax.plot([xs[i], xm["mean"]], [ys[i], ys[i]], ":", color=colors[m], lw=1, zorder=2)
+                label = None if measured_drawn else "cache measured at the regime's context (bf16)"
+                style = dict(ms=9, mfc="none", mew=1.2, color=colors[m], zorder=2, label=label)
+                ax.plot(xm["mean"], ys[i], "s", **style)
+                measured_drawn = True
             if y0 is not None:  # uptrained: where the converted model started, an arrow to where it ended
                 ax.plot(xs[i], y0["mean"], "o", ms=7, mfc="none", color=colors[m], zorder=2,
                         label=None if step0_drawn else "step 0 (converted, before uptraining)")  # fmt: skip
@@ -281,6 +310,8 @@ def plot_pareto(
                 color="black",
             )
         ax.set_xscale("log")
+        measured_xs = [p[4]["mean"] for p in pts if p[4] is not None]
+        xs = xs + measured_xs  # the axis spans both markers
         ticks = sorted(set(xs))
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
@@ -315,8 +346,9 @@ def write_reports(suite: Suite, results: list[dict[str, Any]], out_dir: str | Pa
         "",
         f"{suite.description}. Mean ± std over seeds ({seeds}); losses in nats/token; KV bytes at bf16 "
         "(per layer: seed 000's kv_bytes_per_token). 'cache measured = analytic': cache.nbytes() after a "
-        "real "
-        "prefill equals the analytic kv_cache_bytes in every seed.",
+        "real prefill equals the analytic kv_cache_bytes in every seed. 'measured B/token @ctx': the "
+        "nbytes() of a bf16 cache of that many tokens, per token and layer (what a user pays at that "
+        "context; Context-KV's current chunk included).",
         "",
         markdown_table(rows, methods, regimes),
         "",

@@ -34,6 +34,7 @@ CONTRACT_KEYS = (
     "layer_sharing_ratio",
     "latent_rank_ratio",
     "measured_cache_bytes",
+    "measured_cache_bytes_per_token",
     "generation_toks_per_s",
 )
 
@@ -220,6 +221,7 @@ _ROWS = [
     ("latent_rank_ratio", "latent rank ratio", ".3f"),
     ("measured_cache_bytes", "measured cache bytes", ",d"),
     ("analytic_cache_bytes", "analytic cache bytes", ",d"),
+    ("measured_cache_bytes_per_token", "measured cache B/token/layer (bf16)", ".1f"),
     ("generation_toks_per_s", "cached decode tokens/s", ".1f"),
     ("nocache_toks_per_s", "cache-free tokens/s", ".1f"),
     ("peak_memory_bytes", "peak memory bytes", ",d"),
