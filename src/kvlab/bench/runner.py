@@ -22,6 +22,7 @@ from kvlab.bench.plan import Cell, plan_cells
 from kvlab.bench.suites import Suite
 from kvlab.checkpoint import write_json
 from kvlab.config import ModelConfig
+from kvlab.errors import KvlabError
 
 TRAIN_DONE = "bench_train.json"  # written into a run dir once training returned
 EVAL_FILE = "eval.json"
@@ -154,17 +155,20 @@ def run_bench(
         t0 = time.perf_counter()
         log(f"[{n}/{len(todo)}] {cell.label}  (cell {cell.key})")
         try:
-            did_train = _run_cell(cell, out_dir, backend, data_dir, log)
+            did_train = _run_cell(cell, out_dir, backend, data_dir, log, suite.methods[cell.method])
             result.trained += did_train
             result.evaluated += 1
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one broken method must not lose the rest of a long bench
-            err = f"{type(e).__name__}: {e}"
+            # a user-facing error (an attention file's verdict line, a bad config) reads as it is
+            err = str(e) if isinstance(e, KvlabError) else f"{type(e).__name__}: {e}"
             log(f"    FAILED: {err} (traceback in cells/{cell.key}/error.txt)")
             cell_dir = out_dir / "cells" / cell.key
             cell_dir.mkdir(parents=True, exist_ok=True)
-            (cell_dir / "error.txt").write_text(traceback.format_exc())
+            details = getattr(e, "details", "")  # an attention file's verdict and output tail
+            text = traceback.format_exc() + (f"\n{details}\n" if details else "")
+            (cell_dir / "error.txt").write_text(text)
             result.failed.append({"cell": cell.label, "key": cell.key, "error": err})
         elapsed = time.perf_counter() - start
         eta = elapsed / n * (len(todo) - n)
@@ -176,15 +180,21 @@ def run_bench(
     if write_report:
         from kvlab.bench.report import write_reports
 
-        write_reports(suite, result.results, out_dir)
+        write_reports(suite, result.results, out_dir, failed=result.failed)
     return result
 
 
-def _run_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log) -> bool:
+def _run_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log, spec=None) -> bool:
     """Train (unless the run already exists) and evaluate one cell; True if it trained."""
     run_dir = out_dir / "runs" / cell.train_key
     trained = False
     retrofit = "pretrained" in cell.model
+    if cell.attention_file is not None:  # untrusted code: trained and evaluated in contained children
+        from kvlab.bench.files import run_file_cell
+
+        t0 = time.perf_counter()
+        metrics, trained = run_file_cell(cell, spec, out_dir, data_dir, log)
+        return _record(cell, out_dir, metrics, time.perf_counter() - t0, log, trained)
     if not (run_dir / TRAIN_DONE).is_file():
         t0 = time.perf_counter()
         if retrofit:
@@ -194,15 +204,24 @@ def _run_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log) 
         write_json(run_dir / TRAIN_DONE, {"train_s": time.perf_counter() - t0, **cell.config()})
         trained = True
         log(f"    trained in {time.perf_counter() - t0:.1f}s -> runs/{cell.train_key}")
-    train_s = json.loads((run_dir / TRAIN_DONE).read_text()).get("train_s")
     t0 = time.perf_counter()
     metrics = backend.evaluate(run_dir, cell.heldout, data_dir, **cell.eval)
     if retrofit:  # the same evaluation of the converted model before uptraining
         step0 = backend.evaluate(run_dir / STEP0_DIR, cell.heldout, data_dir, **cell.eval)
         metrics["step0"] = {k: step0[k] for k in STEP0_KEYS if k in step0}
-    eval_s = time.perf_counter() - t0
-    summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("val_loss", "heldout_loss") if k in metrics)
-    if retrofit and "heldout_loss" in metrics["step0"]:
+    return _record(cell, out_dir, metrics, time.perf_counter() - t0, log, trained)
+
+
+def _record(cell: Cell, out_dir: Path, metrics: dict[str, Any], eval_s: float, log, trained: bool) -> bool:
+    """Write the cell's eval.json (last: its existence marks the cell done); returns `trained`."""
+    try:
+        train_s = json.loads((out_dir / "runs" / cell.train_key / TRAIN_DONE).read_text()).get("train_s")
+    except (OSError, ValueError, AttributeError):  # an attention file's run whose training failed
+        train_s = None
+    summary = ", ".join(
+        f"{k} {metrics[k]:.4g}" for k in ("val_loss", "heldout_loss") if isinstance(metrics.get(k), float)
+    )
+    if "heldout_loss" in metrics.get("step0", {}):
         summary += f" (step 0: heldout_loss {metrics['step0']['heldout_loss']:.4g})"
     log(f"    evaluated in {eval_s:.1f}s: {summary}")
     record = {
@@ -217,6 +236,7 @@ def _run_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log) 
         "metrics": metrics,
         "config": cell.config(),
     }
+    (out_dir / "cells" / cell.key / "error.txt").unlink(missing_ok=True)  # an earlier attempt's
     write_json(out_dir / "cells" / cell.key / EVAL_FILE, record)  # last: its existence marks the cell done
     return trained
 
