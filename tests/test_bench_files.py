@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 
 from kvlab.bench import SuiteError, load_suite, plan_cells, run_bench
@@ -47,6 +48,7 @@ lr = 1e-2
 [eval]
 word_perplexity = false
 limit = 20
+tasks = ["piqa=PIQA"]
 
 [methods]
 mha = "mha"
@@ -59,8 +61,18 @@ bad = { attention_file = "bad.py" }
 heldout = "heldout"
 
 [regimes.other]
-heldout = "CORPUS"
+heldout = ["heldout", "CORPUS"]
 """
+PIQA = [
+    {
+        "goal": "Dry wet shoes",
+        "sol1": "Stuff them with newspaper.",
+        "sol2": "Fill them with water.",
+        "label": 0,
+    },
+    {"goal": "Keep bread fresh", "sol1": "Leave it in the sun.", "sol2": "Seal it in a bag.", "label": 1},
+    {"goal": "Cool soup fast", "sol1": "Stir it over ice.", "sol2": "Boil it longer.", "label": 0},
+]
 
 
 @pytest.fixture
@@ -80,8 +92,11 @@ def files_suite(tmp_path):
     crash = FORWARD + "        raise ValueError('boom in forward')\n"
     (suite_dir / "crash.py").write_text(text.replace(FORWARD, crash))
     (suite_dir / "bad.py").write_text(text.replace(FORWARD, FORWARD + "        open('/tmp/x', 'w')\n"))
+    piqa = tmp_path / "piqa.jsonl"
+    piqa.write_text("".join(json.dumps(row) + "\n" for row in PIQA))
     path = suite_dir / "files.toml"
-    path.write_text(SUITE.replace("CORPUS", str(corpus)).replace("ABSOLUTE_MLA", str(elsewhere / "mla.py")))
+    text = SUITE.replace("CORPUS", str(corpus)).replace("ABSOLUTE_MLA", str(elsewhere / "mla.py"))
+    path.write_text(text.replace("PIQA", str(piqa)))
     return path
 
 
@@ -177,7 +192,7 @@ def test_report_shows_declared_and_measured_and_flags_a_mismatch():
 @pytest.mark.slow  # a dozen contained children start (torch imports): ~1-2 minutes on 2 busy cores
 def test_a_tiny_bench_of_attention_files_end_to_end(files_suite, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KVLAB_DATA", str(tmp_path / "data"))
-    out = tmp_path / "out"
+    out, gqa_path = tmp_path / "out", files_suite.parent / "gqa.py"
     suite = load_suite(str(files_suite))
     res = run_bench(suite, out, log=lambda m: None)
     failed = {f["cell"]: f["error"] for f in res.failed}
@@ -211,6 +226,35 @@ def test_a_tiny_bench_of_attention_files_end_to_end(files_suite, tmp_path, monke
         assert row["attention_file"]["generation_method"].startswith("kvlab: cached greedy decoding")
     other = json.loads((out / "cells" / rows[("gqa-file", "other")]["cells"][0] / "eval.json").read_text())
     assert (out / "cells" / other["key"] / "contained" / "harness.json").is_file()  # evaluated contained
+    # several corpora: heldout_loss is their unweighted mean, each corpus's loss kept (the training
+    # corpus's split scored as in the train regime)
+    losses = other["metrics"]["heldout_losses"]
+    assert list(losses) == ["heldout", str(files_suite.parent.parent / "corpus.txt")]
+    assert other["metrics"]["heldout_loss"] == pytest.approx(sum(losses.values()) / 2)
+    train_cell = rows[("gqa-file", "train")]["metrics"]
+    assert losses["heldout"] == pytest.approx(train_cell["heldout_loss"]["mean"], rel=1e-6)
+    # the contained figures are kvlab.eval's on the trained model: recomputed here from the same weights
+    from safetensors.torch import load_file
+
+    from kvlab.data import load_tokenizer, open_split, prepare
+    from kvlab.eval import heldout_loss
+    from kvlab.eval.tasks import evaluate_tasks
+    from kvlab.harness import SeedGPT, load_attention
+    from kvlab.train.batches import read_meta
+    from kvlab.train.loop import resolve_vocab
+
+    data_dir = prepare(**suite.data)
+    cfg = suite.model_config("gqa-file", suite.regimes[0])
+    model = SeedGPT(resolve_vocab(cfg, read_meta(data_dir), fixed=False), load_attention(gqa_path))
+    model.load_state_dict(load_file(out / "runs" / other["train_key"] / "model.safetensors"), strict=False)
+    model.eval()
+    tokens = np.asarray(open_split(data_dir, "heldout"))
+    assert heldout_loss(model, tokens, 32, 4, max_windows=20) == pytest.approx(losses["heldout"], rel=1e-6)
+    piqa = f"piqa={files_suite.parent.parent / 'piqa.jsonl'}"
+    tasks = evaluate_tasks(model, load_tokenizer(data_dir), piqa, 32, batch_size=4)
+    assert other["metrics"]["tasks"]["piqa"]["items"] == 3
+    for key in ("acc", "acc_norm"):
+        assert other["metrics"]["tasks"]["piqa"][key] == tasks["piqa"][key]
     md = (out / "results.md").read_text()
     assert "| gqa-file | file gqa.py | 32 (measured 32) | 32 @32 | 64 | yes |" in md
     assert "| mla-file | file mla.py | 48 (measured 48) | 48 @32 | 96 | yes |" in md
@@ -227,7 +271,6 @@ def test_a_tiny_bench_of_attention_files_end_to_end(files_suite, tmp_path, monke
     printed = capsys.readouterr().out
     assert "| gqa-file | file gqa.py | 32 (measured 32) |" in printed and "4 cell(s) failed" in printed
     # an edited file retrains that method only
-    gqa = files_suite.parent / "gqa.py"
-    gqa.write_text(gqa.read_text() + "# edited\n")
+    gqa_path.write_text(gqa_path.read_text() + "# edited\n")
     edited = run_bench(load_suite(str(files_suite)), out, log=lambda m: None)
     assert edited.trained == 1 and edited.evaluated == 2

@@ -88,11 +88,9 @@ def write_eval_inputs(cell: Cell, data_dir: Path, dest: Path) -> dict[str, Any]:
     dest, data_dir = Path(dest).resolve(), Path(data_dir).resolve()  # the child runs elsewhere
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        load_tokenizer(data_dir)
-        tokenizer_dir = str(data_dir)
+        tokenizer, tokenizer_dir = load_tokenizer(data_dir), str(data_dir)
     except (ImportError, KvlabError):  # a dataset without a tokenizer: token-level metrics only
-        tokenizer_dir = None
-    tokenizer = load_tokenizer(data_dir) if tokenizer_dir else None
+        tokenizer, tokenizer_dir = None, None
     names = [cell.heldout] if isinstance(cell.heldout, str) else list(cell.heldout)
     run_tokenizer = read_meta(data_dir).get("tokenizer")
     corpora = []

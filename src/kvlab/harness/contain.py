@@ -165,7 +165,12 @@ def run_contained(
     device: str = "cpu",
     **job_options: Any,
 ) -> Outcome:
-    """Run one attention file's job (build, forward, metrics, [train], [generation]) contained."""
+    """Run one attention file's job (build, forward, metrics, [train], [generation]) contained.
+
+    job_options reach the child's job (child.run_job): resume (continue the run's checkpoint), evaluate
+    (kvlab.eval.evaluate's inputs, resolved by the caller: kvlab.bench.files), weights (a model.safetensors
+    to evaluate instead of training), declare_only (build and report the declared figures, nothing else).
+    """
     run_dir = Path(run_dir).resolve()
     violations = validate_file(attention_file)
     if violations:
