@@ -107,6 +107,9 @@ class FakeBackend:
             **kv,
             "measured_cache_bytes": 4096,
             "analytic_cache_bytes": 4096,
+            # a fake "current chunk": 64 bytes spread over the context, so it depends on the regime
+            "measured_cache_bytes_per_token": kv["kv_bytes_per_token"] + 64 / cfg["model"]["block_size"],
+            "cache_tokens": cfg["model"]["block_size"],
             "cloze": {"lambada_accuracy": 0.25},
             "note": "strings are dropped",
         }
@@ -385,11 +388,40 @@ def test_report_files_from_a_bench(tmp_path, capsys):
     assert rows[("mha", "eval-other")]["metrics"]["heldout_loss"]["mean"] == pytest.approx(expected + 0.5)
     md = (tmp_path / "results.md").read_text()
     assert f"{expected:.3f} ± 0.071" in md and "heldout loss eval-other ↓" in md
+    # measured cache bytes per token next to KV B/token, per context length (train: 32, short: 16)
+    assert "| KV B/token ↓ | measured B/token @ctx ↓ |" in md
+    assert "| mha | gqa | 128 | 132 @16, 130 @32 | 256 |" in md  # 128 + 64/16, 128 + 64/32
+    assert "| mqa | gqa | 32 | 36 @16, 34 @32 | 64 |" in md
     png = (tmp_path / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert len(res.results) == 18
     # the dry run of a finished bench says nothing is left to do
     assert "18 of 18 cells already finished" in format_plan(suite, plan_cells(suite), tmp_path)
+
+
+def test_pareto_marks_the_measured_cache_bytes(tmp_path, monkeypatch):
+    """Each point's measured bytes per token at its context: a hollow square on the same loss."""
+    import matplotlib.axes
+
+    from kvlab.bench.report import aggregate, plot_pareto
+
+    squares = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        if len(args) == 3 and args[2] == "s":
+            squares.append((args[0], args[1], kwargs.get("label")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    results = [
+        _fake_result("a", "r", 1, heldout_loss=4.0, kv_bytes_per_token=8, measured_cache_bytes_per_token=32),
+        _fake_result("b", "r", 1, heldout_loss=3.5, kv_bytes_per_token=64, measured_cache_bytes_per_token=64),
+    ]
+    plot_pareto(aggregate(results, ["a", "b"], ["r"]), ["a", "b"], ["r"], tmp_path / "p.png", "t")
+    assert [(x, y) for x, y, _ in squares] == [(32.0, 4.0), (64.0, 3.5)]
+    assert squares[0][2] == "cache measured at the regime's context (bf16)" and squares[1][2] is None
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
@@ -422,6 +454,11 @@ def test_end_to_end_micro_bench(tmp_path, monkeypatch):
         assert row["cache_bytes_match"] is True
         assert 0 < m["heldout_loss"]["mean"] < math.log(320) + 0.5  # at most a little above uniform
     assert {r["method"]: r["metrics"]["kv_bytes_per_token"]["mean"] for r in rows} == {"mha": 128, "mqa": 32}
+    # a cache that grows by the same bytes per token: measured at the context == the asymptotic figure
+    assert {r["method"]: r["metrics"]["measured_cache_bytes_per_token"]["mean"] for r in rows} == {
+        "mha": 128,
+        "mqa": 32,
+    }
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
     again = run_bench(suite, tmp_path / "out", log=lambda m: None)
     assert again.trained == 0 and again.evaluated == 0

@@ -201,6 +201,27 @@ def test_kvlab_train_attention_file_trains_and_scores_contained(world, capsys):
     assert snapshot(outside) == before  # the dataset was read, not written
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "no such file; create one with `kvlab init-attention"), (b"\x7fELF\x02\x00", "is a binary file")],
+)
+def test_train_with_a_missing_or_binary_attention_file_is_a_usage_error(world, capsys, content, message):
+    tmp_path, outside = world
+    path = tmp_path / "attn.py"
+    if content is not None:
+        path.write_bytes(content)
+    data = make_dataset(outside / "data")
+    out_dir = tmp_path / "runs" / "x"
+    assert main(["train", "--attention-file", str(path), "--data", str(data), "--out", str(out_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(f"kvlab: error: {path}") and message in err
+    assert not out_dir.exists()
+    # a readable file that breaks the contract is a violation (exit 1), not a usage error
+    path.write_text("def f():\n    pass\n")
+    assert main(["train", "--attention-file", str(path), "--data", str(data), "--out", str(out_dir)]) == 1
+    assert "region-markers" in capsys.readouterr().out
+
+
 MiB = 1 << 20
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvlab import GPT
+from kvlab import GPT, AttentionConfig
 from kvlab.eval import (
     CONTRACT_KEYS,
     HeldoutCorpus,
@@ -241,6 +241,37 @@ def test_measured_cache_bytes_equal_analytic(name):
     if not name.startswith("context"):  # Context-KV's cache is bounded, not per_token x tokens
         per_token = sum(b.attn.kv_bytes_per_token(torch.float32) for b in model.blocks)
         assert got["measured_cache_bytes"] == per_token * model.config.block_size  # batch 1
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("gqa", 2 * 2 * 8 * 2),  # K and V, 2 KV heads x head_dim 8, 2 bytes: kv_bytes_per_token itself
+        ("cla2", 2 * 4 * 8 * 2 / 2),  # every 2nd layer borrows: 4 heads' K/V in half the layers
+        ("explicit-owners", 2 * 2 * 8 * 2 / 2),  # owners [0, 0, 2, 0]: 2 of 4 layers keep K/V
+        ("mla", (16 + 4) * 2),  # latent rank 16 + RoPE key 4
+    ],
+)
+def test_measured_cache_bytes_per_token_equal_the_asymptotic_figure(name, expected):
+    model = GPT(tiny_config(VARIANTS[name])).eval()
+    got = measure_cache_bytes(model, torch.randint(0, 97, (200,)), batch_size=2)
+    # a cache that grows by the same bytes every token: bf16 nbytes / (2 x 64 tokens) / 4 layers
+    assert got["measured_cache_bytes_per_token"] == model.kv_metrics()["kv_bytes_per_token"] == expected
+    assert got["measured_cache_bytes"] == expected * 2 * 64 * 4 * 2  # float32: twice the bf16 bytes
+
+
+def test_measured_cache_bytes_per_token_of_context_kv_include_the_current_chunk():
+    # interval 4, up to 32 slots; a 16-token cache: 3 completed slots, the chunk's last 3 raw K/V, the
+    # ContextBlock's recurrent state (context_dim 16, 4 KV heads x head_dim 8), bf16, per batch row
+    model = GPT(tiny_config(AttentionConfig(kind="context", interval=4), block_size=16)).eval()
+    attn = model.blocks[0].attn
+    assert (attn.context_dim, attn.n_kv_heads, attn.head_dim, attn.local_window) == (16, 4, 8, 4)
+    slots, chunk, state = 3 * 16, 2 * 3 * 4 * 8, 16
+    by_hand = (slots + chunk + state) * 2 / 16  # per token and layer: 32.0
+    got = measure_cache_bytes(model, torch.randint(0, 97, (100,)), batch_size=3)
+    assert got["measured_cache_bytes_per_token"] == by_hand == 32.0
+    asymptotic = model.kv_metrics()["kv_bytes_per_token"]
+    assert asymptotic == 16 * 2 / 4 == 8.0 and got["measured_cache_bytes_per_token"] > asymptotic
 
 
 def test_live_tensor_tracker_counts_peak_bytes():

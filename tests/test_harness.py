@@ -16,6 +16,7 @@ from kvlab.harness.loader import AttentionLoadError
 from kvlab.harness.metrics import compare, declared_metrics, diagnostics, measure_kv
 from kvlab.harness.template import BEGIN_MARKER, END_MARKER, template_text
 
+FORWARD_LINE = "    def forward(self, x, state=None, pos=0):\n"
 SHAPE_345M = dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50304)
 
 
@@ -213,6 +214,118 @@ def test_validator_reports_every_violation_with_positions(tmp_path, capsys):
         "staticmethod are allowed",
         f"{path}:9:38 class-keyword: class keyword metaclass= (e.g. a metaclass) is not allowed",
     ]
+
+
+# class bodies run when the class is defined; the region may not patch the modules every model shares
+DEFINITION_TIME = {
+    "call in class body": (
+        "    torch.save(torch.zeros(1), 'x.pt')\n",
+        "class-body-statement",
+        "found a call, torch.save(...)",
+    ),
+    "patch in class body": (
+        "    F.scaled_dot_product_attention = None\n",
+        "class-body-statement",
+        "found an assignment to F.scaled_dot_product_attention",
+    ),
+    "computed class attribute": ("    width = len([1, 2])\n", "class-body-statement", "width = len([1, 2])"),
+    "if in class body": ("    if True:\n        pass\n", "class-body-statement", "found If statement"),
+}
+MONKEYPATCHES = {
+    "F attribute": "        F.scaled_dot_product_attention = None\n",
+    "deep attribute": "        torch.nn.functional.softmax = lambda x, dim=-1: x\n",
+    "augmented": "        torch.backends.cuda.matmul.allow_tf32 |= True\n",
+    "unpacked": "        F.gelu, n = None, 1\n",
+    "subscript": "        math.__doc__ = None\n        nn.modules[0] = None\n",
+    "del": "        del math.pi\n",
+    "for target": "        for F.relu in [None]:\n            pass\n",
+    "comprehension target": "        y = [0 for torch.zeros in [None]]\n",
+    "setattr": "        setattr(F, 'softmax', None)\n",
+    "delattr": "        delattr(torch.nn, 'Linear')\n",
+}
+ALIASES = {
+    "bare module": ("        g = F\n        g.softmax = None\n", "F may only be used as F.NAME"),
+    "module argument": ("        self.patch(torch)\n", "torch may only be used as torch.NAME"),
+    "submodule value": (
+        "        g = torch.nn.functional\n",
+        "torch.nn.functional may only be used as torch.nn.functional.NAME",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DEFINITION_TIME)
+def test_class_bodies_hold_only_definitions(tmp_path, case):
+    snippet, rule, found = DEFINITION_TIME[case]
+    anchor = "    def __init__(self, config, layer_idx=0):\n"
+    path = _edit(tmp_path, "gqa", anchor, snippet + anchor)
+    lines = path.read_text().splitlines()
+    line = lines.index(snippet.splitlines()[0]) + 1
+    hits = [v for v in validate_file(path) if v.rule == rule]
+    assert [(v.line, v.col) for v in hits] == [(line, 5)]
+    assert found in hits[0].message and "only def, a docstring and NAME = literal" in hits[0].message
+    with pytest.raises(AttentionLoadError, match="fails validation"):
+        load_attention(path)  # never defined, so torch.save never ran
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_class_body_literals_and_docstrings_pass(tmp_path):
+    anchor = "    def __init__(self, config, layer_idx=0):\n"
+    body = '    """A docstring."""\n    table = {"a": (1, -2.5), "b": [None, "x"]}\n    flag = True\n'
+    head = "class CausalSelfAttention(nn.Module):\n"
+    path = _edit(tmp_path, "mha", head, head + body + "    pass\n")
+    assert anchor in path.read_text() and validate_file(path) == []
+
+
+@pytest.mark.parametrize("case", MONKEYPATCHES)
+def test_monkeypatching_the_region_modules_is_rejected(tmp_path, case):
+    snippet = MONKEYPATCHES[case]
+    path = _edit(tmp_path, "mha", FORWARD_LINE, FORWARD_LINE + snippet)
+    first = path.read_text().splitlines().index(snippet.splitlines()[0]) + 1
+    hits = [v for v in validate_file(path) if v.rule == "monkeypatch"]
+    assert hits and {v.line for v in hits} <= {first, first + 1}, hits
+    assert "for every model in the process" in hits[0].message
+
+
+@pytest.mark.parametrize("case", ALIASES)
+def test_region_modules_cannot_be_aliased(tmp_path, case):
+    snippet, message = ALIASES[case]
+    path = _edit(tmp_path, "mha", FORWARD_LINE, FORWARD_LINE + snippet)
+    hits = [v for v in validate_file(path) if v.rule == "module-alias"]
+    assert len(hits) == 1 and hits[0].message.startswith(message)
+
+
+def test_attribute_reads_and_self_state_still_pass(tmp_path):
+    # reading module attributes, chains that end in a function or dtype, and state on self are fine
+    body = (
+        "        self.scale = math.pi\n"
+        "        dt = torch.float32\n"
+        "        sdpa = torch.nn.functional.scaled_dot_product_attention\n"
+        "        self.cache_table = {}\n"
+        "        self.cache_table[0] = dt\n"
+    )
+    path = _edit(tmp_path, "mha", FORWARD_LINE, FORWARD_LINE + body)
+    assert validate_file(path) == []
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file; create one with `kvlab init-attention"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "is a binary file (it holds NUL bytes), not Python source"),
+        ("# caf\u00e9\n".encode("latin-1"), "is not UTF-8 text (byte 5: b'\\xe9'); save it as UTF-8"),
+        ("dir", "is a directory, not an attention file"),
+    ],
+)
+def test_validate_unreadable_file_is_a_usage_error(tmp_path, capsys, content, message):
+    path = tmp_path / "attn.py"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    assert main(["validate", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"kvlab: error: {path}") and message in err
 
 
 def test_cli_init_attention_and_validate(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from kvlab.bench.plan import format_plan, plan_cells
@@ -17,10 +18,14 @@ def bench(suite_name: str, out: str | Path, seeds: int | None = None, dry_run: b
     suite = load_suite(suite_name)
     if seeds is not None:
         suite = suite.with_seeds(seeds)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints (and writes)
     if dry_run:
-        print(format_plan(suite, plan_cells(suite), out_dir=out if Path(out).is_dir() else None))
+        if rank0:
+            print(format_plan(suite, plan_cells(suite), out_dir=out if Path(out).is_dir() else None))
         return 0
     result = run_bench(suite, out)
+    if not rank0:
+        return 1 if result.failed else 0
     out = Path(out)
     print()
     # The terminal gets the main table; results.md also holds every other metric, per regime.
@@ -56,7 +61,8 @@ def register(sub) -> None:
         epilog=(
             "examples:\n  kvlab bench                                  # cpu-demo, ~10 min on 2 cores\n"
             "  kvlab bench --suite seed-124m --dry-run      # the plan and KV bytes, no training\n"
-            "  kvlab bench --suite my_suite.toml --out bench/mine --seeds 3"
+            "  kvlab bench --suite my_suite.toml --out bench/mine --seeds 3\n"
+            "  torchrun --nproc_per_node 2 -m kvlab bench --suite my.toml   # DDP training; rank 0 evaluates"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

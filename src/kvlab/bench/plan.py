@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kvlab.bench.suites import Suite, SuiteError
+from kvlab.bench.suites import AttentionFile, Suite, SuiteError
 from kvlab.commands.info import KV_COLUMNS, format_table
 from kvlab.model import GPT
 
@@ -60,18 +60,23 @@ class Cell:
     heldout: str | tuple[str, ...]  # "heldout" = the training corpus's held-out split, or corpus name(s)
     train_key: str
     key: str
+    # an attention-file method: the file (absolute path; not hashed: its content is, in model)
+    attention_file: str | None = None
 
     @property
     def label(self) -> str:
         return f"{self.method} | {self.regime} | seed {self.seed}"
 
     def config(self) -> dict[str, Any]:
-        return {
+        config = {
             "model": self.model,
             "train": self.train,
             "data": self.data,
             "eval": {**self.eval, "heldout": self.heldout},
         }
+        if self.attention_file is not None:
+            config["attention_file"] = self.attention_file
+        return config
 
 
 def make_cell(suite: Suite, method: str, regime, seed: int) -> Cell:
@@ -86,6 +91,7 @@ def make_cell(suite: Suite, method: str, regime, seed: int) -> Cell:
     except SuiteError as e:
         raise SuiteError(f"{suite.source}: regime {regime.name!r}: {e}") from e
     data = dict(suite.data)
+    spec = suite.methods[method]
     train_part = {"model": model, "train": train, "data": data}
     return Cell(
         method=method,
@@ -98,6 +104,7 @@ def make_cell(suite: Suite, method: str, regime, seed: int) -> Cell:
         heldout=regime.heldout,
         train_key=config_hash(train_part),
         key=config_hash({**train_part, "eval": {**suite.eval, "heldout": regime.heldout}}),
+        attention_file=str(spec.path) if isinstance(spec, AttentionFile) else None,
     )
 
 
@@ -122,8 +129,13 @@ def method_kv_table(suite: Suite) -> list[dict[str, Any]]:
     if suite.pretrained is not None:
         return retrofit_kv_table(suite)
     rows = []
-    for method in suite.methods:
+    for method, spec in suite.methods.items():
         cfg = suite.model_config(method, suite.regimes[0])
+        if isinstance(spec, AttentionFile):  # untrusted code: built in a contained child, never here
+            from kvlab.bench.files import declared_row
+
+            rows.append({"method": method, "kind": spec.kind, **declared_row(spec, cfg)})
+            continue
         with torch.device("meta"):
             model = GPT(cfg)
         rows.append(
@@ -232,7 +244,21 @@ def format_plan(suite: Suite, cells: list[Cell], out_dir: str | Path | None = No
     else:
         lines += ["", "methods (analytic KV footprint at bf16, from the model on the meta device):"]
         columns = [("method", "method", ""), ("kind", "kind", "")] + KV_COLUMNS[1:]  # kvlab info's columns
-    lines += ["  " + line for line in format_table(method_kv_table(suite), columns).splitlines()]
+    rows = method_kv_table(suite)
+    if any(isinstance(spec, AttentionFile) for spec in suite.methods.values()):
+        lines.append(
+            "  (attention files: the bytes their modules declare by seed 000's formula, built in a contained "
+            "child on the meta device; measured bytes and their caches at run time)"
+        )
+    table = [r for r in rows if "error" not in r]
+    if table:
+        lines += ["  " + line for line in format_table(table, columns).splitlines()]
+    for r in rows:
+        spec = suite.methods[r["method"]]
+        if isinstance(spec, AttentionFile):
+            lines.append(f"  {r['method']}: attention file {spec.path}")
+            if "error" in r:  # the bench will record its cells as failed, with this verdict
+                lines += [f"    {line}" for line in r["error"].splitlines()]
     if out_dir is not None:
         lines += [
             "",

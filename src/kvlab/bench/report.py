@@ -2,8 +2,10 @@
 
 results.json has one row per (method, regime) with every numeric metric as mean/std/values over seeds
 and the run's config; results.md is shaped like seed 000's table (a row per method, columns per regime
-and metric, "mean ± std"); pareto.png plots held-out loss against KV bytes/token (log x) per regime with
-the Pareto frontier (lower-left is better on both axes).
+and metric, "mean ± std"; the measured cache bytes per token at each regime's context beside the
+asymptotic KV bytes); pareto.png plots held-out loss against KV bytes/token (log x) per regime with the
+Pareto frontier (lower-left is better on both axes) and, as a hollow square on the same loss, the cache
+bytes per token measured at that regime's context.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def cache_check(metrics: dict[str, float]) -> bool | None:
-    """measured_cache_bytes == analytic bytes for one cell; None if the cell does not report both."""
+    """measured_cache_bytes == analytic bytes for one cell; None if the cell does not report both. For an
+    attention file: no MISMATCH between its declared (seed-000 formula) bytes and what was measured."""
+    if "kv_mismatches" in metrics:
+        return metrics["kv_mismatches"] == 0
     measured = metrics.get("measured_cache_bytes")
     analytic = next((metrics[k] for k in ANALYTIC_KEYS if k in metrics), None)
     if measured is None or analytic is None:
@@ -77,19 +82,31 @@ def aggregate(results: list[dict[str, Any]], methods: list[str], regimes: list[s
             checks = [cache_check(f) for f in flats]
             config = {k: v for k, v in cells[0]["config"].items()}
             config["train"] = {k: v for k, v in config["train"].items() if k != "seed"}
-            rows.append(
-                {
-                    "method": method,
-                    "regime": regime,
-                    "seeds": [c["seed"] for c in cells],
-                    "n_seeds": len(cells),
-                    "metrics": metrics,
-                    "cache_bytes_match": None if None in checks else all(checks),
-                    "cells": [c["key"] for c in cells],
-                    "config": config,
+            row = {
+                "method": method,
+                "regime": regime,
+                "seeds": [c["seed"] for c in cells],
+                "n_seeds": len(cells),
+                "metrics": metrics,
+                "cache_bytes_match": None if None in checks else all(checks),
+                "cells": [c["key"] for c in cells],
+                "config": config,
+            }
+            files = [c["metrics"]["attention_file"] for c in cells if _file_info(c["metrics"])]
+            if files:  # what a contained attention-file run reported besides numbers (flags, methods)
+                row["attention_file"] = {
+                    "path": str(files[0].get("path")),
+                    "sha256": str(files[0].get("sha256")),
+                    "cache": str(files[0].get("cache")),
+                    "generation_method": str(files[0].get("generation_method")),
+                    "kv_flags": sorted({str(f) for info in files for f in info.get("kv_flags") or []}),
                 }
-            )
+            rows.append(row)
     return rows
+
+
+def _file_info(metrics: dict[str, Any]) -> bool:
+    return isinstance(metrics.get("attention_file"), dict)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -119,9 +136,24 @@ def _digits(key: str) -> int:
     return 1 if key.endswith(("toks_per_s", "bytes", "bytes_per_token", "bytes_per_token_total")) else 3
 
 
-def method_kind(model: dict[str, Any]) -> str:
-    """The kind column: the attention kind of a model trained from scratch, the `--to` of an uptrained one."""
+def method_kind(model: dict[str, Any], attention_file: str | None = None) -> str:
+    """The kind column: the attention kind of a model trained from scratch, the `--to` of an uptrained one,
+    `file NAME` for an attention file."""
+    if attention_file is not None or "attention_file" in model:
+        return f"file {Path(attention_file).name}" if attention_file else "file"
     return model["to"] if "pretrained" in model else model["attention"]["kind"]
+
+
+def kv_cell(row: dict[str, Any]) -> str:
+    """KV B/token: the analytic figure; for an attention file the declared one (seed-000 formula) with the
+    measured K/V bytes beside it, MISMATCH where the file reads more than it declares."""
+    m = row["metrics"]
+    declared = _fmt(m.get("kv_bytes_per_token"), 0)
+    if "attention_file" not in row:
+        return declared
+    measured = m.get("kv_measured_bytes_per_token")
+    text = f"{declared} (measured {_fmt(measured, 0)})" if measured else f"{declared} (not measured)"
+    return text + (" **MISMATCH**" if m.get("kv_mismatches", {}).get("mean", 0) > 0 else "")
 
 
 def extra_columns(rows: list[dict[str, Any]], regime: str) -> list[tuple[str, str, bool]]:
@@ -147,7 +179,14 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list
     (plus per-corpus held-out losses and zero-shot accuracies where the regime has them)."""
     by = {(r["method"], r["regime"]): r for r in rows}
     columns = {reg: REGIME_COLUMNS + extra_columns(rows, reg) for reg in regimes}
-    header = ["Method", "kind", "KV B/token ↓", "KV B/token all layers ↓", "cache measured = analytic"]
+    header = [
+        "Method",
+        "kind",
+        "KV B/token ↓",
+        "measured B/token @ctx ↓",
+        "KV B/token all layers ↓",
+        "cache measured = analytic",
+    ]
     for reg in regimes:
         header += [f"{title} {reg} {'↓' if low else '↑'}" for _, title, low in columns[reg]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -156,13 +195,16 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list
         if not present:
             continue
         first = present[0]
-        kind = method_kind(first["config"]["model"])
+        kind = method_kind(first["config"]["model"], first["config"].get("attention_file"))
         checks = [r["cache_bytes_match"] for r in present]
         check = "?" if None in checks else ("yes" if all(checks) else "**NO**")
+        if "attention_file" in first and check == "yes" and first["metrics"].get("kv_notes", {}).get("mean"):
+            check = "yes (notes)"  # measured below declared: e.g. MHA's K/V span at most n_embd dims
         cells = [
             m,
             kind,
-            _fmt(first["metrics"].get("kv_bytes_per_token"), 0),
+            kv_cell(first),
+            measured_per_token(present),
             _fmt(first["metrics"].get("kv_bytes_per_token_total"), 0),
             check,
         ]
@@ -172,6 +214,18 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], regimes: list
                 cells.append(_fmt(row["metrics"].get(key), _digits(key)) if row else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def measured_per_token(rows: list[dict[str, Any]]) -> str:
+    """measured_cache_bytes_per_token at each context length the method's regimes use: "40 @16, 12 @64"
+    (bf16, per layer; equal to KV B/token for a cache that grows by the same bytes every token)."""
+    seen: dict[int, str] = {}
+    for r in rows:
+        m = r["metrics"]
+        if "measured_cache_bytes_per_token" in m and "cache_tokens" in m:
+            ctx = int(m["cache_tokens"]["mean"])
+            seen.setdefault(ctx, f"{m['measured_cache_bytes_per_token']['mean']:.4g} @{ctx}")
+    return ", ".join(seen[c] for c in sorted(seen)) or "–"
 
 
 def details_tables(rows: list[dict[str, Any]], methods: list[str], regimes: list[str]) -> str:
@@ -229,6 +283,7 @@ def plot_pareto(
                 r["metrics"]["kv_bytes_per_token"],
                 r["metrics"]["heldout_loss"],
                 r["metrics"].get("step0.heldout_loss"),
+                r["metrics"].get("measured_cache_bytes_per_token"),
             )  # fmt: skip
             for m in methods
             for r in rows
@@ -249,9 +304,15 @@ def plot_pareto(
             zorder=1,
             label="Pareto frontier",
         )
-        step0_drawn = False
-        for i, (m, _, y, y0) in enumerate(pts):
+        step0_drawn = measured_drawn = False
+        for i, (m, _, y, y0, xm) in enumerate(pts):
             on = i in front
+            if xm is not None:  # what the cache really holds per token at this context, same loss
+                ax.plot([xs[i], xm["mean"]], [ys[i], ys[i]], ":", color=colors[m], lw=1, zorder=2)
+                label = None if measured_drawn else "cache measured at the regime's context (bf16)"
+                style = dict(ms=9, mfc="none", mew=1.2, color=colors[m], zorder=2, label=label)
+                ax.plot(xm["mean"], ys[i], "s", **style)
+                measured_drawn = True
             if y0 is not None:  # uptrained: where the converted model started, an arrow to where it ended
                 ax.plot(xs[i], y0["mean"], "o", ms=7, mfc="none", color=colors[m], zorder=2,
                         label=None if step0_drawn else "step 0 (converted, before uptraining)")  # fmt: skip
@@ -281,6 +342,8 @@ def plot_pareto(
                 color="black",
             )
         ax.set_xscale("log")
+        measured_xs = [p[4]["mean"] for p in pts if p[4] is not None]
+        xs = xs + measured_xs  # the axis spans both markers
         ticks = sorted(set(xs))
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
@@ -300,14 +363,56 @@ def plot_pareto(
     plt.close(fig)
 
 
-def write_reports(suite: Suite, results: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
-    """results.json, results.md and pareto.png under out_dir; returns their paths."""
+def files_section(rows: list[dict[str, Any]]) -> list[str]:
+    """results.md's "Attention files" section: per file row, where it came from and what was measured."""
+    from kvlab.bench.files import summary_lines
+
+    lines = [line for r in rows if "attention_file" in r for line in summary_lines(r)]
+    if not lines:
+        return []
+    return [
+        "## Attention files",
+        "",
+        "Trained and evaluated in contained children (kvlab.harness.contain). KV B/token is what the file's "
+        "modules declare by seed 000's formula; measured K/V: the rank of the K/V the attention hands to "
+        "SDPA; the file's cache: what its new_state cache holds after a real prefill (bf16 accounting). "
+        "The figures come from the child's report, which the submission's process wrote.",
+        "",
+        *lines,
+        "",
+    ]
+
+
+def failed_section(failed: list[dict[str, Any]]) -> list[str]:
+    if not failed:
+        return []
+    lines = ["## Failed cells", "", "The rest of the bench finished; each cell's error.txt has details.", ""]
+    lines += [f"- {f['cell']} (cell {f['key']}): {f['error']}" for f in failed]
+    return lines + [""]
+
+
+def write_reports(
+    suite: Suite,
+    results: list[dict[str, Any]],
+    out_dir: str | Path,
+    failed: list[dict[str, Any]] | None = None,
+) -> dict[str, Path]:
+    """results.json, results.md and pareto.png under out_dir; returns their paths. failed: the cells that
+    failed in this run ({"cell", "key", "error"}), listed in both files."""
     out_dir = Path(out_dir)
     methods, regimes = list(suite.methods), [r.name for r in suite.regimes]
     rows = aggregate(results, methods, regimes)
+    failed = list(failed or [])
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "pareto.png"}
     write_json(
-        paths["json"], {"suite": suite.name, "source": suite.source, "seeds": list(suite.seeds), "rows": rows}
+        paths["json"],
+        {
+            "suite": suite.name,
+            "source": suite.source,
+            "seeds": list(suite.seeds),
+            "rows": rows,
+            "failed": failed,
+        },  # fmt: skip
     )
     seeds = ", ".join(map(str, suite.seeds))
     md = [
@@ -315,12 +420,14 @@ def write_reports(suite: Suite, results: list[dict[str, Any]], out_dir: str | Pa
         "",
         f"{suite.description}. Mean ± std over seeds ({seeds}); losses in nats/token; KV bytes at bf16 "
         "(per layer: seed 000's kv_bytes_per_token). 'cache measured = analytic': cache.nbytes() after a "
-        "real "
-        "prefill equals the analytic kv_cache_bytes in every seed.",
+        "real prefill equals the analytic kv_cache_bytes in every seed. 'measured B/token @ctx': the "
+        "nbytes() of a bf16 cache of that many tokens, per token and layer (what a user pays at that "
+        "context; Context-KV's current chunk included).",
         "",
         markdown_table(rows, methods, regimes),
         "",
     ]
+    md += files_section(rows) + failed_section(failed)
     details = details_tables(rows, methods, regimes)
     if details:
         md += ["## Other metrics", "", details]

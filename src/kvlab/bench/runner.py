@@ -22,6 +22,7 @@ from kvlab.bench.plan import Cell, plan_cells
 from kvlab.bench.suites import Suite
 from kvlab.checkpoint import write_json
 from kvlab.config import ModelConfig
+from kvlab.errors import KvlabError
 
 TRAIN_DONE = "bench_train.json"  # written into a run dir once training returned
 EVAL_FILE = "eval.json"
@@ -128,43 +129,67 @@ def run_bench(
     log=print,
     write_report: bool = True,
 ) -> BenchResult:
-    """Train and evaluate every cell of `suite` under out_dir, then write results.json/.md and pareto.png."""
-    backend = backend or KvlabBackend()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Train and evaluate every cell of `suite` under out_dir, then write results.json/.md and pareto.png.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: all ranks train each run together (DDP), rank 0
+    alone prepares the data, evaluates, logs and writes (kvlab.bench.ranks); all ranks return the same
+    failed cells, rank 0 alone the results."""
+    from kvlab.bench.ranks import Ranks
+
     cells = plan_cells(suite)
-    write_json(
-        out_dir / "suite.json",
-        {
-            "name": suite.name,
-            "source": suite.source,
-            "seeds": list(suite.seeds),
-            "cells": [{"label": c.label, "key": c.key} for c in cells],
-        },
-    )
-    todo = [c for c in cells if not (out_dir / "cells" / c.key / EVAL_FILE).is_file()]
+    ranks = Ranks(str(cells[0].train.get("device", "auto")))
+    try:
+        return _run_bench(suite, Path(out_dir), backend or KvlabBackend(), log, write_report, cells, ranks)
+    finally:
+        ranks.close()
+
+
+def _run_bench(suite, out_dir: Path, backend: Backend, log, write_report: bool, cells, ranks) -> BenchResult:
+    main = ranks.is_main
+    log = log if main else (lambda msg: None)
+
+    def plan() -> list[str]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(
+            out_dir / "suite.json",
+            {
+                "name": suite.name,
+                "source": suite.source,
+                "seeds": list(suite.seeds),
+                "cells": [{"label": c.label, "key": c.key} for c in cells],
+            },
+        )
+        return [c.key for c in cells if not (out_dir / "cells" / c.key / EVAL_FILE).is_file()]
+
+    todo_keys = set(ranks.from_main(plan))
+    todo = [c for c in cells if c.key in todo_keys]
+    workers = f" ({ranks.world} ranks train together; rank 0 evaluates)" if ranks.world > 1 else ""
     log(
         f"bench {suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
-        f"{len(todo)} to run -> {out_dir}"
+        f"{len(todo)} to run -> {out_dir}{workers}"
     )
     result = BenchResult(out_dir=out_dir, results=[])
-    data_dir = backend.prepare(suite.data) if todo else None
+    data_dir = ranks.from_main(lambda: backend.prepare(suite.data)) if todo else None
     start = time.perf_counter()
     for n, cell in enumerate(todo, 1):
         t0 = time.perf_counter()
         log(f"[{n}/{len(todo)}] {cell.label}  (cell {cell.key})")
         try:
-            did_train = _run_cell(cell, out_dir, backend, data_dir, log)
+            did_train = _run_cell(cell, out_dir, backend, data_dir, log, suite.methods[cell.method], ranks)
             result.trained += did_train
             result.evaluated += 1
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one broken method must not lose the rest of a long bench
-            err = f"{type(e).__name__}: {e}"
+            # a user-facing error (an attention file's verdict line, a bad config) reads as it is
+            err = str(e) if isinstance(e, KvlabError) else f"{type(e).__name__}: {e}"
             log(f"    FAILED: {err} (traceback in cells/{cell.key}/error.txt)")
-            cell_dir = out_dir / "cells" / cell.key
-            cell_dir.mkdir(parents=True, exist_ok=True)
-            (cell_dir / "error.txt").write_text(traceback.format_exc())
+            if main:
+                cell_dir = out_dir / "cells" / cell.key
+                cell_dir.mkdir(parents=True, exist_ok=True)
+                details = getattr(e, "details", "")  # an attention file's verdict and output tail
+                text = traceback.format_exc() + (f"\n{details}\n" if details else "")
+                (cell_dir / "error.txt").write_text(text)
             result.failed.append({"cell": cell.label, "key": cell.key, "error": err})
         elapsed = time.perf_counter() - start
         eta = elapsed / n * (len(todo) - n)
@@ -172,37 +197,62 @@ def run_bench(
             f"    cell {time.perf_counter() - t0:.1f}s | progress {n}/{len(todo)} "
             f"({100 * n / len(todo):.0f}%) | elapsed {_fmt_s(elapsed)} | ~{_fmt_s(eta)} left"
         )
-    result.results = load_results(out_dir, cells)
-    if write_report:
-        from kvlab.bench.report import write_reports
+    if main:
+        result.results = load_results(out_dir, cells)
+        if write_report:
+            from kvlab.bench.report import write_reports
 
-        write_reports(suite, result.results, out_dir)
+            write_reports(suite, result.results, out_dir, failed=result.failed)
     return result
 
 
-def _run_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log) -> bool:
-    """Train (unless the run already exists) and evaluate one cell; True if it trained."""
+def _run_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log, spec, ranks) -> bool:
+    """Train (unless the run already exists) and evaluate one cell; True if it trained. Under torchrun
+    every rank trains, rank 0 alone decides, evaluates and writes (ranks.from_main)."""
     run_dir = out_dir / "runs" / cell.train_key
-    trained = False
-    retrofit = "pretrained" in cell.model
-    if not (run_dir / TRAIN_DONE).is_file():
+    if cell.attention_file is not None:  # untrusted code: trained and evaluated in contained children
+        from kvlab.bench.files import run_file_cell
+
+        def contained() -> bool:
+            t0 = time.perf_counter()
+            metrics, trained = run_file_cell(cell, spec, out_dir, data_dir, log)
+            return _record(cell, out_dir, metrics, time.perf_counter() - t0, log, trained)
+
+        return ranks.from_main(contained)  # a single contained child, started by rank 0
+    train_s = None
+    if ranks.from_main(lambda: not (run_dir / TRAIN_DONE).is_file()):
         t0 = time.perf_counter()
-        if retrofit:
+        if "pretrained" in cell.model:
             backend.uptrain(cell.model, cell.train, data_dir, run_dir)
         else:
             backend.train(ModelConfig.from_dict(cell.model), cell.train, data_dir, run_dir)
-        write_json(run_dir / TRAIN_DONE, {"train_s": time.perf_counter() - t0, **cell.config()})
-        trained = True
-        log(f"    trained in {time.perf_counter() - t0:.1f}s -> runs/{cell.train_key}")
-    train_s = json.loads((run_dir / TRAIN_DONE).read_text()).get("train_s")
+        train_s = time.perf_counter() - t0
+    return ranks.from_main(lambda: _evaluate_cell(cell, out_dir, backend, data_dir, log, train_s))
+
+
+def _evaluate_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log, train_s) -> bool:
+    run_dir = out_dir / "runs" / cell.train_key
+    if train_s is not None:
+        write_json(run_dir / TRAIN_DONE, {"train_s": train_s, **cell.config()})
+        log(f"    trained in {train_s:.1f}s -> runs/{cell.train_key}")
     t0 = time.perf_counter()
     metrics = backend.evaluate(run_dir, cell.heldout, data_dir, **cell.eval)
-    if retrofit:  # the same evaluation of the converted model before uptraining
+    if "pretrained" in cell.model:  # the same evaluation of the converted model before uptraining
         step0 = backend.evaluate(run_dir / STEP0_DIR, cell.heldout, data_dir, **cell.eval)
         metrics["step0"] = {k: step0[k] for k in STEP0_KEYS if k in step0}
-    eval_s = time.perf_counter() - t0
-    summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("val_loss", "heldout_loss") if k in metrics)
-    if retrofit and "heldout_loss" in metrics["step0"]:
+    return _record(cell, out_dir, metrics, time.perf_counter() - t0, log, train_s is not None)
+
+
+def _record(cell: Cell, out_dir: Path, metrics: dict[str, Any], eval_s: float, log, trained: bool) -> bool:
+    """Write the cell's eval.json (last: its existence marks the cell done); returns `trained`."""
+    try:
+        train_s = json.loads((out_dir / "runs" / cell.train_key / TRAIN_DONE).read_text()).get("train_s")
+    except (OSError, ValueError, AttributeError):  # an attention file's run whose training failed
+        train_s = None
+    summary = ", ".join(
+        f"{k} {metrics[k]:.4g}" for k in ("val_loss", "heldout_loss") if isinstance(metrics.get(k), float)
+    )
+    if "heldout_loss" in metrics.get("step0", {}):
         summary += f" (step 0: heldout_loss {metrics['step0']['heldout_loss']:.4g})"
     log(f"    evaluated in {eval_s:.1f}s: {summary}")
     record = {
@@ -217,6 +267,7 @@ def _run_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, log) 
         "metrics": metrics,
         "config": cell.config(),
     }
+    (out_dir / "cells" / cell.key / "error.txt").unlink(missing_ok=True)  # an earlier attempt's
     write_json(out_dir / "cells" / cell.key / EVAL_FILE, record)  # last: its existence marks the cell done
     return trained
 

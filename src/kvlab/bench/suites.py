@@ -1,7 +1,9 @@
 """Benchmark suites: what to train and evaluate (model, data, budget, methods, regimes, seeds).
 
 A suite is a TOML file; the built-in ones (`cpu-demo`, `seed-124m`, `seed-345m`) ship in
-`kvlab/bench/suites/`. This module parses and validates a suite into a `Suite` and reports every
+`kvlab/bench/suites/`. A method is a kvlab attention structure, a seed-000 attention file
+(`{ attention_file = "my_attn.py" }`, trained contained: kvlab.bench.files), or with a [source] a
+conversion of a pretrained model. This module parses and validates a suite into a `Suite` and reports every
 mistake as one `SuiteError` line naming the file, the field and the fix. The schema is documented
 in `suites/cpu-demo.toml`.
 """
@@ -9,6 +11,7 @@ in `suites/cpu-demo.toml`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ DEFAULT_SUITE = "cpu-demo"
 _TOP_KEYS = {"suite", "source", "model", "data", "train", "eval", "methods", "regimes"}
 _SOURCE_KEYS = {"from", "calibration"}  # [source]: a pretrained model the methods are converted from
 _RETROFIT_KEYS = {"to", "recipe", "phase1_iters"}  # a method of a [source] suite
+_FILE_KEYS = {"attention_file", "config", "time_limit", "memory_limit_gb"}  # a method given by a file
 _EVAL_KEYS = {
     "limit",
     "speed",
@@ -79,6 +83,28 @@ class Retrofit:
 
 
 @dataclass(frozen=True)
+class AttentionFile:
+    """A method given by a seed-000 attention file (kvlab init-attention): seed 000's nanoGPT substrate
+    around the file's CausalSelfAttention, trained and evaluated in a contained child (kvlab.bench.files).
+    The file is untrusted: the bench never imports it."""
+
+    path: Path  # absolute (a relative attention_file is relative to the suite file)
+    config: dict[str, Any] = field(default_factory=dict)  # attributes the file's code reads: kv_lora_rank
+    time_limit: float = 24 * 3600.0  # wall seconds of each contained run (training, then evaluation)
+    memory_limit_gb: float = 32.0  # address-space limit of a CPU child (0: none)
+
+    def sha256(self) -> str:
+        """Of the whole file's bytes, read now: a cell's key covers it, so an edited file retrains."""
+        from kvlab.harness.template import read_text
+
+        return hashlib.sha256(read_text(self.path).encode("utf-8")).hexdigest()
+
+    @property
+    def kind(self) -> str:
+        return f"file {self.path.name}"
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     description: str
@@ -87,8 +113,8 @@ class Suite:
     data: dict[str, Any]  # kvlab.data.prepare arguments: corpus, tokenizer
     train: dict[str, Any]  # TrainConfig fields (the training budget); `preset` names a train preset
     eval: dict[str, Any]  # kvlab.eval.evaluate options (limit, speed, ...): cheaper CPU evaluations
-    # display name -> attention structure (from scratch) or Retrofit (with a pretrained), in table order
-    methods: dict[str, AttentionConfig | Retrofit]
+    # display name -> attention structure or attention file (from scratch) or Retrofit (with a pretrained)
+    methods: dict[str, AttentionConfig | AttentionFile | Retrofit]
     regimes: tuple[Regime, ...]
     seeds: tuple[int, ...]
     pareto_regime: str | None = None  # regime plotted first in pareto.png (default: the first)
@@ -106,18 +132,37 @@ class Suite:
     def cell_model(self, method: str, regime: Regime) -> dict[str, Any]:
         """What a cell trains, as the dict its hash covers: ModelConfig.to_dict() from scratch, or for a
         [source] suite the pretrained source, the conversion, the recipe and the training context."""
-        if self.pretrained is None:
-            return self.model_config(method, regime).to_dict()
-        return {"pretrained": dict(self.pretrained), **self.methods[method].to_dict(),
-                **self.model, **regime.model}  # fmt: skip
+        if self.pretrained is not None:
+            return {"pretrained": dict(self.pretrained), **self.methods[method].to_dict(),
+                    **self.model, **regime.model}  # fmt: skip
+        spec = self.methods[method]
+        if isinstance(spec, AttentionFile):  # the substrate's fields and the file's content, not its path
+            substrate = self.model_config(method, regime).to_dict()
+            substrate.pop("attention")  # the file's CausalSelfAttention replaces kvlab's attention
+            try:
+                digest = spec.sha256()
+            except KvlabError as e:
+                raise SuiteError(f"{self.source}: methods.{method}.attention_file: {e}") from e
+            return {**substrate, "attention_file": {"sha256": digest, "config": dict(spec.config)}}
+        return self.model_config(method, regime).to_dict()
 
     def model_config(self, method: str, regime: Regime) -> ModelConfig:
-        """The resolved model of one method in one regime (suite overrides, then the regime's)."""
-        overrides = {**self.model, **regime.model, "attention": self.methods[method]}
+        """The resolved model of one method in one regime (suite overrides, then the regime's); for an
+        attention file, seed 000's substrate (its attention field unused: the file's module replaces it)."""
+        spec = self.methods[method]
+        # a file's substrate gets the plain "mha" (never used, not hashed) whatever the preset carries
+        attention = "mha" if isinstance(spec, AttentionFile) else spec
+        overrides = {**self.model, **regime.model, "attention": attention}
         try:
-            return ModelConfig.preset(self.model_preset, **overrides)
+            cfg = ModelConfig.preset(self.model_preset, **overrides)
         except ConfigError as e:
             raise SuiteError(f"{self.source}: methods.{method} in regime {regime.name!r}: {e}") from e
+        if isinstance(spec, AttentionFile) and cfg.family != "gpt2":
+            raise SuiteError(
+                f"{self.source}: methods.{method}: an attention file runs on seed 000's nanoGPT substrate "
+                f"(family gpt2); model.preset={self.model_preset!r} is family {cfg.family!r}"
+            )
+        return cfg
 
 
 def builtin_suites() -> list[str]:
@@ -213,8 +258,16 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
     methods_raw = table(raw, "methods", "")
     if not methods_raw:
         raise fail('no [methods]; add e.g. [methods] mha = "mha" and gqa = { kind = "gqa", n_kv_heads = 2 }')
-    methods: dict[str, AttentionConfig | Retrofit] = {}
+    methods: dict[str, AttentionConfig | AttentionFile | Retrofit] = {}
     for mname, spec in methods_raw.items():
+        if isinstance(spec, dict) and "attention_file" in spec:
+            if pretrained is not None:
+                raise fail(
+                    f"methods.{mname}: an attention file trains seed 000's substrate from scratch; it cannot "
+                    "be a method of a [source] suite (put it in a suite without [source])"
+                )
+            methods[mname] = _parse_attention_file(mname, spec, source, fail)
+            continue
         if pretrained is not None:
             methods[mname] = _parse_retrofit(mname, spec, fail)
             continue
@@ -337,6 +390,45 @@ def _parse_retrofit(mname: str, spec: Any, fail) -> Retrofit:
     if p1 is not None and (isinstance(p1, bool) or not isinstance(p1, int) or p1 < 1):
         raise fail(f"methods.{mname}.phase1_iters={p1!r} must be a positive integer")
     return Retrofit(to=to, recipe=recipe, phase1_iters=p1)
+
+
+def _parse_attention_file(mname: str, spec: dict, source: str, fail) -> AttentionFile:
+    """{ attention_file = "my_attn.py", config = { kv_lora_rank = 256 }, time_limit = 3600 }."""
+    from kvlab.harness.template import read_text
+
+    _reject_unknown(spec, _FILE_KEYS, f"methods.{mname}.", fail)
+    name = spec["attention_file"]
+    if not isinstance(name, str) or not name:
+        raise fail(f'methods.{mname}.attention_file={name!r} must be a path ("my_attn.py")')
+    path = Path(name).expanduser()
+    if not path.is_absolute():  # relative to the suite file, wherever bench is started from
+        base = SUITES_DIR if source == "<suite>" else Path(source).resolve().parent
+        path = base / path
+    path = path.resolve()
+    try:
+        read_text(path)  # missing, a directory, binary: caught now (validation happens contained, later)
+    except KvlabError as e:
+        raise fail(f"methods.{mname}.attention_file: {e}") from e
+    config = spec.get("config", {})
+    if not isinstance(config, dict) or not all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, (int, float, str, bool))
+        for k, v in config.items()
+    ):
+        raise fail(
+            f"methods.{mname}.config={config!r} must be a table of names to numbers, strings or booleans "
+            "(config = { kv_lora_rank = 256 }): the attributes the file's code reads from config"
+        )
+    limits = {}
+    for key in ("time_limit", "memory_limit_gb"):
+        value = spec.get(key)
+        if value is None:
+            continue
+        low = 0 if key == "memory_limit_gb" else 1e-9  # memory 0: no limit; a time limit must be positive
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            what = "a non-negative number (0: no limit)" if low == 0 else "a positive number of seconds"
+            raise fail(f"methods.{mname}.{key}={value!r} must be {what}")
+        limits[key] = float(value)
+    return AttentionFile(path=path, config=dict(config), **limits)
 
 
 def _check_heldout(name: str, where: str, fail) -> None:

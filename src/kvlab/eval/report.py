@@ -34,6 +34,7 @@ CONTRACT_KEYS = (
     "layer_sharing_ratio",
     "latent_rank_ratio",
     "measured_cache_bytes",
+    "measured_cache_bytes_per_token",
     "generation_toks_per_s",
 )
 
@@ -122,6 +123,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     tasks: str | list[str] | None = None,
     task_limit: int | None = None,
+    cache: bool | None = None,
 ) -> dict[str, Any]:
     """All metrics of a run directory (or a GPT with explicit data) as one dict (design.md, Metrics).
 
@@ -132,6 +134,8 @@ def evaluate(
     peak memory; nocache also times seed 000's cache-free generation. Metrics not computable are None.
     seed: of the val batches and the cloze set; None = the val batches training scored (so val_loss
     equals the run's last one on the same device) and cloze seed 0.
+    cache: measure the cache and time cached generation; None = where the model has one (an attention
+    file's SeedGPT without kvlab's cache interface has none: its cache metrics and speed are skipped).
     """
     if isinstance(run_dir_or_model, (str, Path)):
         ctx = _run_context(Path(run_dir_or_model), device)
@@ -199,13 +203,15 @@ def evaluate(
     )
     if prompt_source is None:
         prompt_source = val_tokens
-    if prompt_source is None:
+    cache = getattr(model, "supports_cache", True) if cache is None else cache
+    if prompt_source is None and (cache or nocache):
         raise EvalError(
             "no held-out or validation tokens to prefill the cache with; pass val_tokens or a corpus"
         )
-    result.update(measure_cache_bytes(model, prompt_source))
+    if cache:
+        result.update(measure_cache_bytes(model, prompt_source))
     result["generation_toks_per_s"] = None
-    if speed:
+    if speed and cache:
         result.update(generation_speed(model, prompt_source))
         result.update(peak_generation_memory(model, prompt_source))
     if nocache:
@@ -229,6 +235,7 @@ _ROWS = [
     ("latent_rank_ratio", "latent rank ratio", ".3f"),
     ("measured_cache_bytes", "measured cache bytes", ",d"),
     ("analytic_cache_bytes", "analytic cache bytes", ",d"),
+    ("measured_cache_bytes_per_token", "measured cache B/token/layer (bf16)", ".1f"),
     ("generation_toks_per_s", "cached decode tokens/s", ".1f"),
     ("nocache_toks_per_s", "cache-free tokens/s", ".1f"),
     ("peak_memory_bytes", "peak memory bytes", ",d"),

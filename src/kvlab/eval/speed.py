@@ -28,30 +28,44 @@ def _prompt(tokens, length: int, device) -> torch.Tensor:
 
 @torch.inference_mode()
 def measure_cache_bytes(model, tokens, prompt_len: int | None = None, batch_size: int = 1) -> dict:
-    """cache.nbytes() after prefilling real tokens into a block_size cache, against the analytic figure.
+    """cache.nbytes() after prefilling real tokens into a block_size cache, against the analytic figure,
+    and what that costs per token: measured_cache_bytes_per_token.
 
-    The two must be equal for every structure (design.md); a mismatch is a bug in that structure's
-    cache (e.g. it stores decompressed K/V), so this raises instead of reporting a wrong number.
+    measured_cache_bytes (the model's dtype) must equal the analytic kv_cache_bytes for every structure
+    (design.md); a mismatch is a bug in that structure's cache (e.g. it stores decompressed K/V), so this
+    raises instead of reporting a wrong number. A model without kv_cache_bytes (an attention file's
+    SeedGPT, whose cache is the file's own) reports the measured bytes only.
+
+    measured_cache_bytes_per_token: a second cache, in bfloat16, prefilled the same way; its nbytes() /
+    (batch x cache tokens) / n_layer -- per layer at bf16, beside kv_bytes_per_token, but at this context
+    length: what a user really pays there (Context-KV's current chunk and recurrent state included, so at
+    short contexts it exceeds the asymptotic figure).
     """
     max_len = model.config.block_size
     prompt_len = min(prompt_len or max_len, max_len, len(tokens))
     device = next(model.parameters()).device
     idx = _prompt(tokens, prompt_len, device).expand(batch_size, -1)  # (B, T)
+    dtype = next(model.parameters()).dtype
     cache = model.new_cache(batch_size=batch_size, max_len=max_len)
     model(idx, cache=cache)
     measured = cache.nbytes()
-    analytic = model.kv_cache_bytes(batch_size=batch_size, max_len=max_len, dtype=model.wte.weight.dtype)
-    if measured != analytic:
-        raise AssertionError(
-            f"measured cache bytes {measured} != analytic {analytic} (batch {batch_size}, {max_len} tokens); "
-            "a KV structure allocates more (or less) than kv_bytes_per_token says"
-        )
-    return {
+    out = {
         "measured_cache_bytes": measured,
-        "analytic_cache_bytes": analytic,
         "cache_tokens": max_len,
-        "cache_dtype": str(model.wte.weight.dtype).removeprefix("torch."),
+        "cache_dtype": str(dtype).removeprefix("torch."),
     }
+    if hasattr(model, "kv_cache_bytes"):
+        analytic = model.kv_cache_bytes(batch_size=batch_size, max_len=max_len, dtype=dtype)
+        if measured != analytic:
+            raise AssertionError(
+                f"measured cache bytes {measured} != analytic {analytic} (batch {batch_size}, {max_len} "
+                "tokens); a KV structure allocates more (or less) than kv_bytes_per_token says"
+            )
+        out["analytic_cache_bytes"] = analytic
+    bf16 = model.new_cache(batch_size=batch_size, max_len=max_len, dtype=torch.bfloat16)
+    model(idx, cache=bf16)
+    out["measured_cache_bytes_per_token"] = bf16.nbytes() / (batch_size * max_len) / model.config.n_layer
+    return out
 
 
 def speed_shape(block_size: int, prompt_len: int = 128, new_tokens: int = 128) -> tuple[int, int]:

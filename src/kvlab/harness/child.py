@@ -6,8 +6,11 @@ itself in: Landlock confines writes to the run directory in the kernel (C-level 
 included), and a Python audit hook refuses subprocesses, sockets, signals, library loading and writes
 outside the run directory, remembering each attempt. Then: load + build, one forward, declared and
 measured KV metrics, the file's own cache where it implements kvlab's cache interface (harness/cached.py),
-optionally kvlab's training loop, and generation: cached decoding through that cache when it decodes as
-the full forward does, else cache-free (seed 000's method); `harness.json` holds it all.
+optionally kvlab's training loop, the held-out evaluation a bench cell needs (kvlab.eval.evaluate on the
+trained model in memory, or on weights trained by an earlier run; the corpora come resolved by the parent,
+so nothing here fetches or writes outside), and generation: cached decoding through that cache when it
+decodes as the full forward does, else cache-free (seed 000's method); `harness.json` holds it all. A
+`declare_only` job just builds the model (on the meta device where it can) and reports its declared figures.
 Exit status: 0 ok, 3 crashed, 4 violation, 5 memory, 6 disk (a write past RLIMIT_FSIZE failed with EFBIG;
 the parent reads timeouts from signals).
 """
@@ -177,6 +180,10 @@ def run_job(job: dict, root: Path, result: dict) -> None:
     extra = job.get("extra", {})
     result.update(attention_file=job["attention_file"], stage="build")
     torch.manual_seed(job.get("seed", 42))
+    if job.get("declare_only"):
+        _declare(root / job["attention_file"], model_cfg, extra, result)
+        result["stage"] = "done"
+        return
     model = build_seed_model(root / job["attention_file"], model_cfg, **extra)
     result.update(attention_sha256=model.attention_sha256, stage="forward")
     idx = torch.randint(0, model_cfg.vocab_size, (2, min(16, model_cfg.block_size)))
@@ -217,14 +224,112 @@ def run_job(job: dict, root: Path, result: dict) -> None:
         }
         factory = lambda cfg: build_seed_model(root / job["attention_file"], cfg, **extra)
         train(
-            model_cfg, train_cfg, job["data"], root, progress=False, model_factory=factory, run_info=run_info
-        )
+            model_cfg, train_cfg, job["data"], root, resume=bool(job.get("resume")), progress=False,
+            model_factory=factory, run_info=run_info,
+        )  # fmt: skip
         history = read_metrics(root)
         result["train"] = history[-1] if history else None
+    weights = root / WEIGHTS_FILE if job.get("train") else job.get("weights")
+    if job.get("evaluate"):
+        if weights is not None:  # the trained model, for the evaluation and the timing that follow
+            result["stage"] = "load"
+            _load_weights(model, weights)
+        result["stage"] = "evaluate"
+        result["evaluation"] = _evaluate(model, job["evaluate"], job.get("device", "cpu"), usable(cache))
     if job.get("generate"):
         result["stage"] = "generate"
         result["generation"] = _generation_speed(model, job, model_cfg, cached=usable(cache))
     result["stage"] = "done"
+
+
+WEIGHTS_FILE = "model.safetensors"  # what kvlab's training loop commits (kvlab.checkpoint.WEIGHTS_FILE)
+
+
+def _declare(path: Path, model_cfg, extra: dict, result: dict) -> None:
+    """Build the model and report its seed-000 figures: on the meta device (no memory, no init cost) where
+    the file's __init__ allows it, else on the CPU."""
+    import torch
+
+    from kvlab.harness.loader import build_seed_model
+    from kvlab.harness.metrics import declared_metrics
+
+    try:
+        with torch.device("meta"):
+            model = build_seed_model(path, model_cfg, **extra)
+        result["built_on"] = "meta"
+    except (MemoryError, PermissionError):
+        raise
+    except Exception:  # e.g. an __init__ that reads a tensor's value: meta tensors have none
+        model = build_seed_model(path, model_cfg, **extra)
+        result["built_on"] = "cpu"
+    result.update(declared=declared_metrics(model), kv_metrics=model.kv_metrics(), params=model.num_params())
+
+
+def _load_weights(model, path) -> None:
+    """Trained weights (kvlab's model.safetensors: the tied head stored once) into the model, every tensor."""
+    from safetensors.torch import load_file
+
+    from kvlab.harness.loader import AttentionLoadError
+
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise AttentionLoadError(
+            f"{path} does not fit the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+
+
+def _evaluate(model, spec: dict, device: str, cached: bool) -> dict:
+    """kvlab.eval.evaluate on the model in memory, over the corpora the parent resolved (spec["corpora"]:
+    token .npy files and JSON lists it wrote), then the file's own cache measured at the context length
+    where the cache checked out (a cache that fails there is reported, not fatal)."""
+    import numpy as np
+
+    from kvlab.eval import evaluate
+    from kvlab.eval.corpora import HeldoutCorpus
+    from kvlab.eval.speed import measure_cache_bytes
+
+    def listed(path):
+        return json.loads(Path(path).read_text()) if path else None
+
+    corpora = [
+        HeldoutCorpus(
+            name=c["name"],
+            tokens=np.load(c["tokens"]) if c.get("tokens") else None,
+            documents=listed(c.get("documents")),
+            passages=listed(c.get("passages")),
+            passages_source=c.get("passages_source", ""),
+            detokenize=bool(c.get("detokenize")),
+            info=dict(c.get("info") or {}),
+        )
+        for c in spec["corpora"]
+    ]
+    tokenizer = None
+    if spec.get("tokenizer"):
+        from kvlab.data import load_tokenizer
+
+        tokenizer = load_tokenizer(spec["tokenizer"])
+    model.to(device).eval()
+    metrics = evaluate(
+        model, heldout=corpora, tokenizer=tokenizer, dataset_dir=spec.get("dataset_dir"),
+        block_size=spec.get("block_size"), batch_size=spec.get("batch_size"),
+        eval_iters=spec.get("eval_iters"), speed=False, limit=spec.get("limit"), seed=spec.get("seed"),
+        tasks=spec.get("tasks"), task_limit=spec.get("task_limit"), cache=False,
+    )  # fmt: skip
+    if cached:
+        block = model.config.block_size
+        prompt = next((c.tokens for c in corpora if c.tokens is not None and len(c.tokens) > block), None)
+        if prompt is None and spec.get("dataset_dir"):
+            from kvlab.data import open_split
+
+            prompt = np.asarray(open_split(spec["dataset_dir"], "val"))
+        try:
+            metrics.update(measure_cache_bytes(model, prompt))
+        except (MemoryError, PermissionError):
+            raise
+        except Exception as e:
+            metrics["cache_error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+    return metrics
 
 
 NOCACHE_METHOD = "seed-000: cache-free greedy decoding, each step reruns the cropped context (eager)"
@@ -267,11 +372,18 @@ def main() -> int:
     import torch  # noqa: F401
 
     import kvlab.checkpoint as checkpoint
+    import kvlab.eval.report  # noqa: F401
     import kvlab.eval.speed  # noqa: F401
     import kvlab.harness.cached  # noqa: F401
     import kvlab.harness.loader  # noqa: F401
     import kvlab.harness.metrics  # noqa: F401
     import kvlab.train.loop  # noqa: F401
+
+    if job.get("evaluate"):
+        import safetensors.torch  # noqa: F401
+
+        import kvlab.data  # noqa: F401
+        import kvlab.eval.tasks  # noqa: F401
 
     env_info = checkpoint.environment_info()  # runs git: before the lock refuses subprocesses
     checkpoint.environment_info = lambda: env_info

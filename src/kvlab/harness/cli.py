@@ -43,6 +43,9 @@ def run_validate(args: argparse.Namespace) -> int:
 def train_attention_file(args, model_cfg, train_cfg, data_dir, extra) -> int:
     """`kvlab train --attention-file`: validate, then train + evaluate contained; print the verdict."""
     from kvlab.harness.contain import Limits, run_contained
+    from kvlab.harness.template import read_text
+
+    read_text(args.attention_file)  # a missing or binary file: one `kvlab: error:` line, exit 2
     from kvlab.train.batches import read_meta
     from kvlab.train.loop import resolve_vocab
 

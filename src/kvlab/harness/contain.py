@@ -36,6 +36,7 @@ ATTENTION_COPY = "attention.py"
 OUTPUT_TAIL_BYTES = 64 << 10  # of the child's stdout+stderr kept (the rest is counted, not stored)
 POLL_S = 0.25  # how often the parent checks the wall clock and the run directory's size
 MAX_RUN_FILES = 100_000  # more entries than this in the run directory counts as filling it
+MAX_RESULT_BYTES = 64 << 20  # a larger harness.json is not read
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,12 @@ def run_contained(
     device: str = "cpu",
     **job_options: Any,
 ) -> Outcome:
-    """Run one attention file's job (build, forward, metrics, [train], [generation]) contained."""
+    """Run one attention file's job (build, forward, metrics, [train], [generation]) contained.
+
+    job_options reach the child's job (child.run_job): resume (continue the run's checkpoint), evaluate
+    (kvlab.eval.evaluate's inputs, resolved by the caller: kvlab.bench.files), weights (a model.safetensors
+    to evaluate instead of training), declare_only (build and report the declared figures, nothing else).
+    """
     run_dir = Path(run_dir).resolve()
     violations = validate_file(attention_file)
     if violations:
@@ -229,10 +235,16 @@ def run_contained(
 
 
 def _read_result(run_dir: Path) -> dict[str, Any]:
+    """harness.json, written by the child (so by the submission's process): a report that is not a JSON
+    object, or larger than MAX_RESULT_BYTES (it could be up to the file-size limit), counts as none."""
+    path = run_dir / child.RESULT_FILE
     try:
-        return json.loads((run_dir / child.RESULT_FILE).read_text())
+        if path.is_symlink() or path.stat().st_size > MAX_RESULT_BYTES:
+            return {}
+        result = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return result if isinstance(result, dict) else {}
 
 
 def _verdict(

@@ -258,6 +258,20 @@ class SeedGPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
+    def kv_metrics(self) -> dict[str, float]:
+        """Seed 000's figures from the realized modules (harness.metrics.declared_metrics) under the keys of
+        kvlab's GPT.kv_metrics, so kvlab.eval.evaluate reports them; layer_sharing_ratio counts the layers
+        that do not declare share_across_layers as KV owners."""
+        from kvlab.harness.metrics import declared_metrics
+
+        declared = declared_metrics(self)
+        owners = sum(1 for layer in declared["per_layer"] if not layer["share_across_layers"])
+        keys = ("kv_bytes_per_token", "kv_bytes_per_token_total", "head_sharing_ratio", "latent_rank_ratio")
+        return {
+            **{k: declared[k] for k in keys},
+            "layer_sharing_ratio": float(self.config.n_layer / max(1, owners)),
+        }
+
 
 def build_seed_model(path: str | Path, cfg: ModelConfig, **extra: Any) -> SeedGPT:
     """load_attention + SeedGPT in one call."""

@@ -29,7 +29,11 @@ _DENSE_RETURN = FILLS["mha"][1]
 
 
 class AttentionFileError(KvlabError):
-    """An attention file that cannot be read or has no usable region."""
+    """An attention file that cannot be read (missing, a directory, binary or not UTF-8): a usage error."""
+
+
+class RegionMarkerError(AttentionFileError):
+    """A readable text file without exactly one region: a violation of the file's contract."""
 
 
 @dataclass(frozen=True)
@@ -47,22 +51,39 @@ def split_region(text: str, path: Path) -> Region:
     begins = [i for i, line in enumerate(lines) if line.strip() == BEGIN_MARKER]
     ends = [i for i, line in enumerate(lines) if line.strip() == END_MARKER]
     if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
-        raise AttentionFileError(
+        raise RegionMarkerError(
             f"{path}: expected one '{BEGIN_MARKER}' line followed by one '{END_MARKER}' line "
             f"(found {len(begins)} BEGIN, {len(ends)} END); start from `kvlab init-attention {path}`"
         )
     return Region(path, "".join(lines[begins[0] + 1 : ends[0]]), begins[0] + 2)
 
 
-def read_region(path: str | Path) -> Region:
+def read_text(path: str | Path) -> str:
+    """The file as text; AttentionFileError when it cannot be read as Python source (missing, a
+    directory, binary, not UTF-8): a usage error, unlike a readable file that breaks the contract."""
     path = Path(path)
+    if path.is_dir():
+        raise AttentionFileError(f"{path} is a directory, not an attention file; pass the .py file")
     if not path.is_file():
         raise AttentionFileError(f"{path}: no such file; create one with `kvlab init-attention {path}`")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise AttentionFileError(f"{path}: cannot read it as UTF-8 text ({e})") from e
-    return split_region(text, path)
+        data = path.read_bytes()
+    except OSError as e:
+        raise AttentionFileError(f"{path}: cannot read it ({e.strerror or e})") from e
+    if b"\x00" in data:
+        raise AttentionFileError(f"{path} is a binary file (it holds NUL bytes), not Python source")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AttentionFileError(
+            f"{path} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r}); save it as UTF-8"
+        ) from e
+
+
+def read_region(path: str | Path) -> Region:
+    """The file's region: AttentionFileError when it cannot be read (read_text), RegionMarkerError when
+    it reads but has no single region."""
+    return split_region(read_text(path), Path(path))
 
 
 def template_text(fill: str = "mha") -> str:

@@ -3,9 +3,11 @@
 Seed 000 accepts only function and class definitions at the top level of the region. kvlab adds the rules
 that keep the region's code inside the attention block: no imports, no builtins that reach the
 interpreter or the file system, no system-module names, no dunder attributes, no frame/code attributes,
-no dynamic attribute names, and no decorators or default arguments that run code when the region is
-defined. It is a boundary that stops honest mistakes and casual escapes, not a sandbox: containment of
-what the code does when it runs is `kvlab.harness.contain`'s job.
+no dynamic attribute names, no decorators, default arguments or class-body statements that run code when
+the region is defined, and no monkeypatching: nothing assigned to or deleted from torch, nn, F or math (or
+their submodules), which the region may only use as `torch.X`, never pass around. It is a boundary that
+stops honest mistakes and casual escapes, not a sandbox: containment of what the code does when it runs
+is `kvlab.harness.contain`'s job.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvlab.harness.template import REQUIRED_CLASS, REQUIRED_FUNCTIONS, AttentionFileError, Region, read_region
+from kvlab.harness.template import REQUIRED_CLASS, REQUIRED_FUNCTIONS, Region, RegionMarkerError, read_region
 
 FORBIDDEN_CALLS = {
     "exec",
@@ -94,6 +96,8 @@ FORBIDDEN_ATTRIBUTES = {
     "mro",
 }
 DYNAMIC_ATTRIBUTE_CALLS = {"getattr", "setattr", "delattr", "hasattr"}
+# the modules the loader hands the region (loader.load_attention's namespace): used only as `torch.X`
+REGION_MODULES = {"torch": "torch", "nn": "torch.nn", "F": "torch.nn.functional", "math": "math"}
 ALLOWED_DECORATORS = {"staticmethod", "classmethod", "property"}
 _DUNDER = re.compile(r"^__\w+__$")
 _DUNDER_IN_TEXT = re.compile(r"__\w+__")
@@ -111,9 +115,12 @@ class Violation:
 
 
 class _Checker(ast.NodeVisitor):
-    def __init__(self, offset: int):
+    def __init__(self, offset: int, tree: ast.AST | None = None):
         self.offset = offset  # file line of the region's line 1, minus 1
         self.found: list[Violation] = []
+        # nodes that are the `.value` of an attribute access: `torch` in torch.zeros, torch.nn in torch.nn.X
+        nodes = ast.walk(tree) if tree is not None else ()
+        self.attribute_bases = {id(n.value) for n in nodes if isinstance(n, ast.Attribute)}
 
     def flag(self, node: ast.AST, rule: str, message: str) -> None:
         line = getattr(node, "lineno", 1) + self.offset
@@ -138,6 +145,8 @@ class _Checker(ast.NodeVisitor):
             self.flag(node, "forbidden-name", f"the name {node.id!r} reaches outside the attention block")
         elif _DUNDER.match(node.id):
             self.flag(node, "dunder-name", f"the name {node.id!r} is not allowed in the region")
+        elif node.id in REGION_MODULES and id(node) not in self.attribute_bases:
+            self.flag(node, "module-alias", _ALIAS_MESSAGE.format(node.id))
 
     def visit_Attribute(self, node):
         if _DUNDER.match(node.attr) and not _is_super_init(node):
@@ -146,6 +155,49 @@ class _Checker(ast.NodeVisitor):
             self.flag(node, "forbidden-name", f"attribute .{node.attr} reaches outside the attention block")
         elif node.attr in FORBIDDEN_ATTRIBUTES:
             self.flag(node, "frame-attribute", f"attribute .{node.attr} reaches interpreter internals")
+        elif id(node) not in self.attribute_bases and _names_a_module(node):  # torch.nn.functional as a value
+            self.flag(node, "module-alias", _ALIAS_MESSAGE.format(_dotted(node)))
+        self.generic_visit(node)
+
+    # ---- monkeypatching: writes into the modules every other part of kvlab (and torch) shares ----
+    def _check_stores(self, targets) -> None:
+        for target in targets:
+            for t in _unpack(target):
+                root = _store_root(t)
+                if root is not None and root.id in REGION_MODULES:
+                    self.flag(
+                        t,
+                        "monkeypatch",
+                        f"assigning to or deleting {_dotted(t)} changes {root.id} for every model in the "
+                        "process; keep state on self or in the cache",
+                    )
+
+    def visit_Assign(self, node):
+        self._check_stores(node.targets)
+        self.generic_visit(node)
+
+    def visit_AugAssign(self, node):
+        self._check_stores([node.target])
+        self.generic_visit(node)
+
+    def visit_Delete(self, node):
+        self._check_stores(node.targets)
+        self.generic_visit(node)
+
+    def visit_For(self, node):
+        self._check_stores([node.target])
+        self.generic_visit(node)
+
+    visit_AsyncFor = visit_For
+
+    def visit_With(self, node):
+        self._check_stores([item.optional_vars for item in node.items if item.optional_vars is not None])
+        self.generic_visit(node)
+
+    visit_AsyncWith = visit_With
+
+    def visit_comprehension(self, node):
+        self._check_stores([node.target])
         self.generic_visit(node)
 
     def visit_Call(self, node):
@@ -156,6 +208,12 @@ class _Checker(ast.NodeVisitor):
                 self.flag(node, "dynamic-attribute", f"{func.id}() needs a literal attribute name")
             elif _DUNDER_IN_TEXT.search(name.value):
                 self.flag(node, "dunder-attribute", f"{func.id}(..., {name.value!r}) is not allowed")
+            obj = node.args[0] if node.args and func.id in ("setattr", "delattr") else None
+            obj = obj if isinstance(obj, ast.Name) or obj is None else _store_root(obj)
+            if obj is not None and obj.id in REGION_MODULES:
+                self.flag(
+                    node, "monkeypatch", f"{func.id}() on {obj.id} changes it for every model in the process"
+                )
         if isinstance(func, ast.Attribute) and func.attr in ("format", "format_map"):
             if isinstance(func.value, ast.Constant) and _DUNDER_IN_TEXT.search(str(func.value.value)):
                 self.flag(node, "dunder-attribute", "format strings may not name dunder attributes")
@@ -203,11 +261,107 @@ class _Checker(ast.NodeVisitor):
         for base in node.bases:
             if not _is_dotted_name(base):
                 self.flag(base, "class-base", "class bases must be plain names such as nn.Module")
+        for i, stmt in enumerate(node.body):
+            if not _is_definition_only(stmt, first=i == 0):
+                self.flag(
+                    stmt,
+                    "class-body-statement",
+                    "a class body runs when the class is defined; only def, a docstring and NAME = literal "
+                    f"may appear in it (found {_describe(stmt)})",
+                )
         self.generic_visit(node)
 
     def visit_AnnAssign(self, node):
         self.flag(node, "annotation", "annotated assignments run their annotation; drop the annotation")
+        self._check_stores([node.target])
         self.generic_visit(node)
+
+
+_ALIAS_MESSAGE = "{0} may only be used as {0}.NAME: passing the module itself around reaches its attributes"
+
+
+def _unpack(target: ast.AST):
+    """The single targets of an assignment target: a, (a, b), [a, *b]."""
+    if isinstance(target, (ast.Tuple, ast.List)):
+        for elt in target.elts:
+            yield from _unpack(elt)
+    elif isinstance(target, ast.Starred):
+        yield from _unpack(target.value)
+    else:
+        yield target
+
+
+def _store_root(node: ast.AST) -> ast.Name | None:
+    """The name an attribute/subscript target hangs from (F in F.x[0].y), or None for a plain name."""
+    if not isinstance(node, (ast.Attribute, ast.Subscript)):
+        return None
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node if isinstance(node, ast.Name) else None
+
+
+def _dotted(node: ast.AST) -> str:
+    try:
+        return ast.unparse(node)
+    except Exception:  # pragma: no cover - unparse handles every expression the parser produced
+        return type(node).__name__
+
+
+def _names_a_module(node: ast.Attribute) -> bool:
+    """Whether a chain such as torch.nn.functional, rooted at a region module, resolves to a module."""
+    import importlib
+    import types
+
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not (isinstance(node, ast.Name) and node.id in REGION_MODULES):
+        return False
+    obj = importlib.import_module(REGION_MODULES[node.id])
+    for attr in reversed(parts):
+        if _DUNDER.match(attr):
+            return False  # flagged as a dunder already
+        try:
+            obj = getattr(obj, attr)
+        except Exception:  # a name torch does not have: the file fails when it runs, not here
+            return False
+    return isinstance(obj, types.ModuleType)
+
+
+def _is_constant_data(node: ast.AST) -> bool:
+    """A literal made of constants only: 3, -1.0, "x", None, (1, 2), [], {}, {"a": 1}."""
+    if _is_literal(node):
+        return True
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return all(_is_constant_data(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return all(k is not None and _is_constant_data(k) for k in node.keys) and all(
+            _is_constant_data(v) for v in node.values
+        )
+    return False
+
+
+def _is_definition_only(stmt: ast.stmt, first: bool) -> bool:
+    """Class-body statements that define without running code: def, pass, a docstring, NAME = literal."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Pass)):
+        return True
+    value = getattr(stmt, "value", None)
+    if isinstance(stmt, ast.Expr) and isinstance(value, ast.Constant) and isinstance(value.value, str):
+        return first  # the docstring (a string statement elsewhere is refused: it is no docstring)
+    if isinstance(stmt, ast.Assign):
+        return all(isinstance(t, ast.Name) for t in stmt.targets) and _is_constant_data(stmt.value)
+    return False
+
+
+def _describe(stmt: ast.stmt) -> str:
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call):
+        return f"a call, {_dotted(stmt.value.func)}(...)"
+    if isinstance(stmt, ast.Assign):
+        if not all(isinstance(t, ast.Name) for t in stmt.targets):
+            return f"an assignment to {', '.join(_dotted(t) for t in stmt.targets)}"
+        return f"{_dotted(stmt.targets[0])} = {_dotted(stmt.value)}, not a literal"
+    return f"{type(stmt).__name__} statement"
 
 
 def _is_super_init(node: ast.Attribute) -> bool:
@@ -245,7 +399,7 @@ def validate_region(region: Region) -> list[Violation]:
         tree = ast.parse(region.source, filename=str(region.path))
     except SyntaxError as e:
         return [Violation((e.lineno or 1) + offset, e.offset or 1, "syntax", e.msg)]
-    checker = _Checker(offset)
+    checker = _Checker(offset, tree)
     defined: dict[str, ast.AST] = {}
     for stmt in tree.body:
         if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)):
@@ -266,9 +420,12 @@ def validate_region(region: Region) -> list[Violation]:
 
 
 def validate_file(path: str | Path) -> list[Violation]:
-    """validate_region of the file's region; a file without markers gives one `region-markers` violation."""
+    """validate_region of the file's region; a file without markers gives one `region-markers` violation.
+
+    A file that cannot be read as text (missing, binary, not UTF-8) is not a violation but a usage error:
+    AttentionFileError (kvlab validate: one `kvlab: error:` line, exit 2)."""
     try:
         region = read_region(path)
-    except AttentionFileError as e:
+    except RegionMarkerError as e:
         return [Violation(1, 1, "region-markers", str(e).split(": ", 1)[-1])]
     return validate_region(region)
