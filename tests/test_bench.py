@@ -169,6 +169,19 @@ def test_user_suite_from_file(tmp_path):
         (lambda t: t.split("[regimes.train]")[0], "no [regimes]"),
         (lambda t: t.replace("[suite]", '[suite]\npareto_regime = "nope"'), "suite.pareto_regime='nope'"),
         (lambda t: t.replace("[data]", "[data"), "invalid TOML"),
+        # caught by --dry-run, not when the bench starts (issue 12)
+        (
+            lambda t: t.replace('corpus = "shakespeare"', 'corpus = "nosuchcorpus"'),
+            "data.corpus='nosuchcorpus'",
+        ),
+        (lambda t: t.replace('"bpe-8k"', '"nosuchtok"'), "data.tokenizer='nosuchtok' is not a tokenizer"),
+        (lambda t: t.replace("[data]", '[data]\nroot = "/tmp"'), "unknown field(s) data.root"),
+        (lambda t: t.replace("max_iters = 3", 'max_iters = 3\ncompile = "maybe"'), "train"),
+        (lambda t: t.replace("limit = 5", "limit = 0"), "eval.limit=0 must be a positive integer"),
+        (
+            lambda t: t.replace("limit = 5", 'limit = 5\nspeed = "no"'),
+            "eval.speed='no' must be true or false",
+        ),
     ],
 )
 def test_suite_errors_name_file_and_field(tmp_path, edit, message):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from kvlab.bench import SuiteError, load_suite, plan_cells, run_bench
+from kvlab.bench.methods import AttentionFile
 from kvlab.bench.report import aggregate, markdown_table
-from kvlab.bench.suites import AttentionFile
 from kvlab.cli import main
 from kvlab.harness import init_attention
 from kvlab.harness.template import template_text

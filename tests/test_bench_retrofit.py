@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kvlab.bench import SuiteError, load_suite, parse_suite, plan_cells, run_bench
+from kvlab.bench.methods import Retrofit
 from kvlab.bench.plan import format_plan, method_kv_table
-from kvlab.bench.suites import Retrofit
 from kvlab.checkpoint import load_model
 from kvlab.config import ModelConfig, TrainConfig
 from kvlab.eval import evaluate

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from kvlab.bench.methods import AttentionFile
 from kvlab.bench.plan import Cell
-from kvlab.bench.suites import AttentionFile
 from kvlab.checkpoint import write_json
 from kvlab.config import ModelConfig
 from kvlab.errors import KvlabError

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from kvlab.bench.suites import AttentionFile, Suite, SuiteError
+from kvlab.bench.methods import AttentionFile, SuiteError
+from kvlab.bench.suites import Suite
 from kvlab.commands.info import KV_COLUMNS, format_table
 from kvlab.model import GPT
 

@@ -1,21 +1,30 @@
 """Benchmark suites: what to train and evaluate (model, data, budget, methods, regimes, seeds).
 
-A suite is a TOML file; the built-in ones (`cpu-demo`, `seed-124m`, `seed-345m`) ship in
+A suite is a TOML file; the built-in ones (`cpu-demo`, `seed-124m`, `smollm2-retrofit`, ...) ship in
 `kvlab/bench/suites/`. A method is a kvlab attention structure, a seed-000 attention file
 (`{ attention_file = "my_attn.py" }`, trained contained: kvlab.bench.files), or with a [source] a
-conversion of a pretrained model. This module parses and validates a suite into a `Suite` and reports every
-mistake as one `SuiteError` line naming the file, the field and the fix. The schema is documented
-in `suites/cpu-demo.toml`.
+conversion of a pretrained model (those two kinds: kvlab.bench.methods). This module parses and
+validates a suite into a `Suite` and reports every mistake as one `SuiteError` line naming the file, the
+field and the fix. The schema is documented in `suites/cpu-demo.toml`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvlab.bench.methods import (
+    SUITES_DIR,
+    AttentionFile,
+    Retrofit,
+    SuiteError,
+    parse_attention_file,
+    parse_retrofit,
+    parse_source,
+    reject_unknown,
+)
 from kvlab.config import MODEL_PRESETS, AttentionConfig, ConfigError, ModelConfig
 from kvlab.errors import KvlabError
 
@@ -27,13 +36,9 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
     except ModuleNotFoundError:
         tomllib = None  # type: ignore[assignment]
 
-SUITES_DIR = Path(__file__).resolve().parent / "suites"
 DEFAULT_SUITE = "cpu-demo"
 
 _TOP_KEYS = {"suite", "source", "model", "data", "train", "eval", "methods", "regimes"}
-_SOURCE_KEYS = {"from", "calibration"}  # [source]: a pretrained model the methods are converted from
-_RETROFIT_KEYS = {"to", "recipe", "phase1_iters"}  # a method of a [source] suite
-_FILE_KEYS = {"attention_file", "config", "time_limit", "memory_limit_gb"}  # a method given by a file
 _EVAL_KEYS = {
     "limit",
     "speed",
@@ -47,10 +52,6 @@ _EVAL_KEYS = {
 }
 _SUITE_KEYS = {"name", "description", "seeds", "seed", "pareto_regime"}
 _REGIME_KEYS = {"description", "model", "train", "heldout"}
-
-
-class SuiteError(KvlabError):
-    """A suite file that cannot be used; the message names the file, the field and the fix."""
 
 
 @dataclass(frozen=True)
@@ -68,40 +69,6 @@ class Regime:
     # tuple) make heldout_loss their unweighted mean, with each corpus's loss kept (seed 000's 345M)
     heldout: str | tuple[str, ...] = "heldout"
     description: str = ""
-
-
-@dataclass(frozen=True)
-class Retrofit:
-    """A method of a suite with a [source]: `kvlab uptrain --to TO --recipe RECIPE` from that model."""
-
-    to: str  # converter steps (kvlab.retrofit.structures): "mqa", "mla:144:16", "matryoshka+search:0.5"
-    recipe: str = "ce"  # ce | distill | oacd (kvlab.retrofit.uptrain.RECIPES)
-    phase1_iters: int | None = None  # oacd: ContextBlock-only steps (default max_iters / 4)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"to": self.to, "recipe": self.recipe, "phase1_iters": self.phase1_iters}
-
-
-@dataclass(frozen=True)
-class AttentionFile:
-    """A method given by a seed-000 attention file (kvlab init-attention): seed 000's nanoGPT substrate
-    around the file's CausalSelfAttention, trained and evaluated in a contained child (kvlab.bench.files).
-    The file is untrusted: the bench never imports it."""
-
-    path: Path  # absolute (a relative attention_file is relative to the suite file)
-    config: dict[str, Any] = field(default_factory=dict)  # attributes the file's code reads: kv_lora_rank
-    time_limit: float = 24 * 3600.0  # wall seconds of each contained run (training, then evaluation)
-    memory_limit_gb: float = 32.0  # address-space limit of a CPU child (0: none)
-
-    def sha256(self) -> str:
-        """Of the whole file's bytes, read now: a cell's key covers it, so an edited file retrains."""
-        from kvlab.harness.template import read_text
-
-        return hashlib.sha256(read_text(self.path).encode("utf-8")).hexdigest()
-
-    @property
-    def kind(self) -> str:
-        return f"file {self.path.name}"
 
 
 @dataclass(frozen=True)
@@ -206,9 +173,9 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
             raise fail(f"{where}{key} must be a table ({key} = {{ ... }} or [{key}]), got {v!r}")
         return dict(v)
 
-    _reject_unknown(raw, _TOP_KEYS, "", fail)
+    reject_unknown(raw, _TOP_KEYS, "", fail)
     head = table(raw, "suite", "")
-    _reject_unknown(head, _SUITE_KEYS, "suite.", fail)
+    reject_unknown(head, _SUITE_KEYS, "suite.", fail)
     name = head.get("name", Path(source).stem)
 
     seeds = head.get("seeds", 1)
@@ -223,12 +190,12 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
         raise fail(f"suite.seeds={seeds!r} must be a positive count (seeds = 2) or a list of integers")
 
     model = table(raw, "model", "")
-    pretrained = _parse_source(raw, table, fail) if "source" in raw else None
+    pretrained = parse_source(raw, table, fail) if "source" in raw else None
     known_model = {f.name for f in dataclasses.fields(ModelConfig)}
     if pretrained is not None:
         # the architecture is the source's; only the training context is chosen (RoPE families)
         known_model = {"block_size"}
-        _reject_unknown(model, known_model, "model.", fail)
+        reject_unknown(model, known_model, "model.", fail)
         if not isinstance(model.get("block_size"), int) or model["block_size"] < 1:
             raise fail(
                 "model.block_size must be set to the training context for a [source] suite "
@@ -241,12 +208,20 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
             raise fail(f"model.preset={preset!r} must name a model preset: {', '.join(MODEL_PRESETS)}")
         if "attention" in model:
             raise fail("model.attention is set per method; list structures under [methods] instead")
-        _reject_unknown(model, known_model, "model.", fail)
+        reject_unknown(model, known_model, "model.", fail)
 
     data = table(raw, "data", "")
+    _check_data(data, fail)
     train = table(raw, "train", "")
     eval_opts = table(raw, "eval", "")
-    _reject_unknown(eval_opts, _EVAL_KEYS, "eval.", fail)
+    reject_unknown(eval_opts, _EVAL_KEYS, "eval.", fail)
+    for key, value in eval_opts.items():
+        if key in ("speed", "nocache", "word_perplexity") and not isinstance(value, bool):
+            raise fail(f"eval.{key}={value!r} must be true or false")
+        if key in ("limit", "cloze_size", "batch_size", "eval_iters", "task_limit") and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise fail(f"eval.{key}={value!r} must be a positive integer")
     if "tasks" in eval_opts:
         from kvlab.eval.tasks import TaskError, parse_tasks
 
@@ -266,10 +241,10 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
                     f"methods.{mname}: an attention file trains seed 000's substrate from scratch; it cannot "
                     "be a method of a [source] suite (put it in a suite without [source])"
                 )
-            methods[mname] = _parse_attention_file(mname, spec, source, fail)
+            methods[mname] = parse_attention_file(mname, spec, source, fail)
             continue
         if pretrained is not None:
-            methods[mname] = _parse_retrofit(mname, spec, fail)
+            methods[mname] = parse_retrofit(mname, spec, fail)
             continue
         try:
             if isinstance(spec, str):
@@ -294,11 +269,11 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
     for rname, r in regimes_raw.items():
         if not isinstance(r, dict):
             raise fail(f"regimes.{rname} must be a table ([regimes.{rname}]), got {r!r}")
-        _reject_unknown(r, _REGIME_KEYS, f"regimes.{rname}.", fail)
+        reject_unknown(r, _REGIME_KEYS, f"regimes.{rname}.", fail)
         for sub in ("model", "train"):
             if not isinstance(r.get(sub, {}), dict):
                 raise fail(f"regimes.{rname}.{sub} must be a table of overrides, got {r[sub]!r}")
-        _reject_unknown(r.get("model", {}), known_model - {"attention"}, f"regimes.{rname}.model.", fail)
+        reject_unknown(r.get("model", {}), known_model - {"attention"}, f"regimes.{rname}.model.", fail)
         if pretrained is not None and "block_size" in r.get("model", {}):
             bs = r["model"]["block_size"]
             if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
@@ -348,87 +323,28 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
     return suite
 
 
-def _parse_source(raw: dict, table, fail) -> dict[str, Any]:
-    src = table(raw, "source", "")
-    _reject_unknown(src, _SOURCE_KEYS, "source.", fail)
-    name = src.get("from")
-    if not isinstance(name, str) or not name:
+def _check_data(data: dict[str, Any], fail) -> None:
+    """[data] names a corpus and a tokenizer kvlab knows: caught by --dry-run, not when the bench starts."""
+    from kvlab.data.corpora import CORPORA
+    from kvlab.data.tokenizers import bpe_vocab_size
+    from kvlab.models import MODELS
+
+    reject_unknown(data, {"corpus", "tokenizer"}, "data.", fail)
+    corpus = data.get("corpus", "shakespeare")
+    if not isinstance(corpus, str) or not (corpus in CORPORA or Path(corpus).expanduser().exists()):
         raise fail(
-            'source.from must name the pretrained model: a kvlab run directory, "hf:DIR" or a model name '
-            'from `kvlab models list` (from = "smollm2-135m")'
+            f"data.corpus={corpus!r} is not a corpus: use one of {', '.join(CORPORA)} or an existing path"
         )
-    n = src.get("calibration", 4)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise fail(f"source.calibration={n!r} must be a positive number of calibration batches")
-    return {"from": name, "calibration": n}
-
-
-def _parse_retrofit(mname: str, spec: Any, fail) -> Retrofit:
-    """A [source] suite's method: a `--to` string, or { to = "...", recipe = "...", phase1_iters = N }."""
-    from kvlab.retrofit.structures import USAGE, parse_structure
-    from kvlab.retrofit.uptrain import RECIPES
-
-    if isinstance(spec, str):
-        spec = {"to": spec}
-    if not isinstance(spec, dict):
+    tok = data.get("tokenizer", "bpe-8k")
+    known = isinstance(tok, str) and (
+        tok == "gpt2" or bpe_vocab_size(tok) is not None or tok in MODELS
+        or (tok.startswith("hf:") and Path(tok[3:]).expanduser().is_dir())
+    )  # fmt: skip
+    if not known:
         raise fail(
-            f'methods.{mname}={spec!r} must be a structure ("mqa") or a table '
-            '({ to = "matryoshka:32", recipe = "distill" })'
+            f"data.tokenizer={tok!r} is not a tokenizer: use gpt2, bpe-N (bpe-8k, bpe-2048), a fetchable "
+            f"model's name ({', '.join(sorted(MODELS))}) or hf:DIR with an existing directory"
         )
-    _reject_unknown(spec, _RETROFIT_KEYS, f"methods.{mname}.", fail)
-    to, recipe, p1 = spec.get("to"), spec.get("recipe", "ce"), spec.get("phase1_iters")
-    if not isinstance(to, str) or not to:
-        raise fail(f"methods.{mname}.to must be a structure: {USAGE}")
-    try:
-        steps = [name for name, _ in parse_structure(to)]
-    except ConfigError as e:
-        raise fail(f"methods.{mname}: {e}") from e
-    if recipe not in RECIPES:
-        raise fail(f"methods.{mname}.recipe={recipe!r} must be one of {', '.join(RECIPES)}")
-    if recipe == "oacd" and "context" not in steps:
-        raise fail(f"methods.{mname}: recipe oacd trains a ContextBlock; its structure needs a context step")
-    if p1 is not None and (isinstance(p1, bool) or not isinstance(p1, int) or p1 < 1):
-        raise fail(f"methods.{mname}.phase1_iters={p1!r} must be a positive integer")
-    return Retrofit(to=to, recipe=recipe, phase1_iters=p1)
-
-
-def _parse_attention_file(mname: str, spec: dict, source: str, fail) -> AttentionFile:
-    """{ attention_file = "my_attn.py", config = { kv_lora_rank = 256 }, time_limit = 3600 }."""
-    from kvlab.harness.template import read_text
-
-    _reject_unknown(spec, _FILE_KEYS, f"methods.{mname}.", fail)
-    name = spec["attention_file"]
-    if not isinstance(name, str) or not name:
-        raise fail(f'methods.{mname}.attention_file={name!r} must be a path ("my_attn.py")')
-    path = Path(name).expanduser()
-    if not path.is_absolute():  # relative to the suite file, wherever bench is started from
-        base = SUITES_DIR if source == "<suite>" else Path(source).resolve().parent
-        path = base / path
-    path = path.resolve()
-    try:
-        read_text(path)  # missing, a directory, binary: caught now (validation happens contained, later)
-    except KvlabError as e:
-        raise fail(f"methods.{mname}.attention_file: {e}") from e
-    config = spec.get("config", {})
-    if not isinstance(config, dict) or not all(
-        isinstance(k, str) and k.isidentifier() and isinstance(v, (int, float, str, bool))
-        for k, v in config.items()
-    ):
-        raise fail(
-            f"methods.{mname}.config={config!r} must be a table of names to numbers, strings or booleans "
-            "(config = { kv_lora_rank = 256 }): the attributes the file's code reads from config"
-        )
-    limits = {}
-    for key in ("time_limit", "memory_limit_gb"):
-        value = spec.get(key)
-        if value is None:
-            continue
-        low = 0 if key == "memory_limit_gb" else 1e-9  # memory 0: no limit; a time limit must be positive
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-            what = "a non-negative number (0: no limit)" if low == 0 else "a positive number of seconds"
-            raise fail(f"methods.{mname}.{key}={value!r} must be {what}")
-        limits[key] = float(value)
-    return AttentionFile(path=path, config=dict(config), **limits)
 
 
 def _check_heldout(name: str, where: str, fail) -> None:
@@ -441,11 +357,3 @@ def _check_heldout(name: str, where: str, fail) -> None:
         f'{where}={name!r} is not a corpus: use "heldout" (the training corpus\'s held-out split), '
         f"one of {', '.join(CORPORA)}, or an existing path"
     )
-
-
-def _reject_unknown(d: dict, known: set[str], where: str, fail) -> None:
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise fail(
-            f"unknown field(s) {', '.join(where + k for k in unknown)}; known: {', '.join(sorted(known))}"
-        )
