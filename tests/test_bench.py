@@ -416,7 +416,8 @@ def test_pareto_marks_the_measured_cache_bytes(tmp_path, monkeypatch):
     """Each point's measured bytes per token at its context: a hollow square on the same loss."""
     import matplotlib.axes
 
-    from kvlab.bench.report import aggregate, plot_pareto
+    from kvlab.bench.plot import plot_pareto
+    from kvlab.bench.report import aggregate
 
     squares = []
     original = matplotlib.axes.Axes.plot

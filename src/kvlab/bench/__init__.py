@@ -2,7 +2,8 @@
 reported as results.json, results.md and pareto.png (`kvlab bench`, `kvlab demo`)."""
 
 from kvlab.bench.plan import Cell, config_hash, format_plan, plan_cells
-from kvlab.bench.report import aggregate, pareto_front, write_reports
+from kvlab.bench.plot import pareto_front
+from kvlab.bench.report import aggregate, write_reports
 from kvlab.bench.runner import Backend, BenchResult, KvlabBackend, run_bench
 from kvlab.bench.suites import Regime, Suite, SuiteError, builtin_suites, load_suite, parse_suite
 

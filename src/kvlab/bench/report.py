@@ -3,9 +3,7 @@
 results.json has one row per (method, regime) with every numeric metric as mean/std/values over seeds
 and the run's config; results.md is shaped like seed 000's table (a row per method, columns per regime
 and metric, "mean ± std"; the measured cache bytes per token at each regime's context beside the
-asymptotic KV bytes); pareto.png plots held-out loss against KV bytes/token (log x) per regime with the
-Pareto frontier (lower-left is better on both axes) and, as a hollow square on the same loss, the cache
-bytes per token measured at that regime's context.
+asymptotic KV bytes); pareto.png is drawn by kvlab.bench.plot.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kvlab.bench.plot import pareto_regimes, plot_pareto
 from kvlab.bench.suites import Suite
 from kvlab.checkpoint import atomic_write, write_json
 
@@ -107,18 +106,6 @@ def aggregate(results: list[dict[str, Any]], methods: list[str], regimes: list[s
 
 def _file_info(metrics: dict[str, Any]) -> bool:
     return isinstance(metrics.get("attention_file"), dict)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates (<= on both x and y, < on one), sorted by x."""
-    front = []
-    for i, (xi, yi) in enumerate(points):
-        dominated = any(
-            xj <= xi and yj <= yi and (xj < xi or yj < yi) for j, (xj, yj) in enumerate(points) if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: (points[i][0], points[i][1]))
 
 
 def _fmt(stat: dict[str, float] | None, digits: int) -> str:
@@ -246,121 +233,6 @@ def details_tables(rows: list[dict[str, Any]], methods: list[str], regimes: list
             )
         out.append("")
     return "\n".join(out)
-
-
-def pareto_regimes(suite: Suite, rows: list[dict[str, Any]]) -> list[str]:
-    """Regimes with a held-out loss, the suite's pareto_regime first."""
-    names = [
-        r.name
-        for r in suite.regimes
-        if any(x["regime"] == r.name and "heldout_loss" in x["metrics"] for x in rows)
-    ]
-    if suite.pareto_regime in names:
-        names.remove(suite.pareto_regime)
-        names.insert(0, suite.pareto_regime)
-    return names
-
-
-def plot_pareto(
-    rows: list[dict[str, Any]], methods: list[str], regimes: list[str], path: Path, title: str
-) -> None:
-    """Held-out loss vs KV bytes/token (log x), one panel per regime, seed-spread error bars, frontier."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: never needs a display
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    n = max(1, len(regimes))
-    ncol = min(n, 3)
-    nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.8 * nrow), squeeze=False)
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    for ax, reg in zip(axes.flat, regimes):
-        pts = [
-            (
-                r["method"],
-                r["metrics"]["kv_bytes_per_token"],
-                r["metrics"]["heldout_loss"],
-                r["metrics"].get("step0.heldout_loss"),
-                r["metrics"].get("measured_cache_bytes_per_token"),
-            )  # fmt: skip
-            for m in methods
-            for r in rows
-            if r["method"] == m
-            and r["regime"] == reg
-            and "heldout_loss" in r["metrics"]
-            and "kv_bytes_per_token" in r["metrics"]
-        ]
-        xs = [p[1]["mean"] for p in pts]
-        ys = [p[2]["mean"] for p in pts]
-        front = pareto_front(list(zip(xs, ys)))
-        ax.plot(
-            [xs[i] for i in front],
-            [ys[i] for i in front],
-            "--",
-            color="0.45",
-            lw=1.5,
-            zorder=1,
-            label="Pareto frontier",
-        )
-        step0_drawn = measured_drawn = False
-        for i, (m, _, y, y0, xm) in enumerate(pts):
-            on = i in front
-            if xm is not None:  # what the cache really holds per token at this context, same loss
-                ax.plot([xs[i], xm["mean"]], [ys[i], ys[i]], ":", color=colors[m], lw=1, zorder=2)
-                label = None if measured_drawn else "cache measured at the regime's context (bf16)"
-                style = dict(ms=9, mfc="none", mew=1.2, color=colors[m], zorder=2, label=label)
-                ax.plot(xm["mean"], ys[i], "s", **style)
-                measured_drawn = True
-            if y0 is not None:  # uptrained: where the converted model started, an arrow to where it ended
-                ax.plot(xs[i], y0["mean"], "o", ms=7, mfc="none", color=colors[m], zorder=2,
-                        label=None if step0_drawn else "step 0 (converted, before uptraining)")  # fmt: skip
-                arrow = dict(arrowstyle="->", color=colors[m], lw=1, alpha=0.6)
-                ax.annotate("", (xs[i], ys[i]), xytext=(xs[i], y0["mean"]), arrowprops=arrow, zorder=2)
-                step0_drawn = True
-            ax.errorbar(
-                xs[i],
-                ys[i],
-                yerr=y["std"],
-                fmt="o",
-                ms=9 if on else 7,
-                capsize=4,
-                color=colors[m],
-                mec="black" if on else colors[m],
-                mew=1.2,
-                zorder=3,
-            )
-            # alternate label sides so points at similar x do not print over each other
-            ax.annotate(
-                m,
-                (xs[i], ys[i]),
-                xytext=(8, 8 if i % 2 == 0 else -14),
-                textcoords="offset points",
-                fontsize=10,
-                fontweight="bold" if on else "normal",
-                color="black",
-            )
-        ax.set_xscale("log")
-        measured_xs = [p[4]["mean"] for p in pts if p[4] is not None]
-        xs = xs + measured_xs  # the axis spans both markers
-        ticks = sorted(set(xs))
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([f"{t:g}" for t in ticks], rotation=45 if len(ticks) > 5 else 0)
-        if xs:
-            ax.set_xlim(min(xs) / 1.35, max(xs) * 1.6)
-        ax.set_xlabel("KV bytes per token per layer (bf16, log scale) — less is better")
-        ax.set_ylabel("held-out loss (nats/token) — lower is better")
-        ax.set_title(reg)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(loc="upper right", fontsize=9)
-    for ax in list(axes.flat)[len(regimes) :]:
-        ax.set_visible(False)
-    fig.suptitle(f"{title}: quality vs KV memory (error bars: std over seeds; bold: on the frontier)")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
 
 
 def files_section(rows: list[dict[str, Any]]) -> list[str]:
