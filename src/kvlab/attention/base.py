@@ -161,10 +161,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     if k.stride(-1) == 1 and v.stride(-1) == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, S)
-    probs = torch.softmax(scores * scale, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(probs, v)  # (B, H_kv, G, Dv)
+    B, H, G, D = q.shape
+    S = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    k_t = k.transpose(-1, -2).reshape(B * H, D, S)  # a view: rows of S keys per head dim
+    scores = torch.baddbmm(q.new_empty(()), q.reshape(B * H, G, D), k_t, beta=0.0, alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (B H, G, S)
+    if probs.dtype != v.dtype:
+        probs = probs.to(v.dtype)
+    return torch.bmm(probs, v.reshape(B * H, S, -1)).view(B, H, G, -1)  # (B, H_kv, G, Dv)
 
 
 class Linears:
