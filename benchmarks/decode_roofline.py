@@ -18,6 +18,11 @@ and a plot of tokens/s and roofline fraction against context.
 
     python benchmarks/decode_roofline.py                              # 6 x 512, contexts 256..4096
     python benchmarks/decode_roofline.py --contexts 128 512 --structures mha mla --steps 8
+    python benchmarks/decode_roofline.py --threads 1 --clock cpu --steps 8 --contexts 4096   # the targets
+
+Decode steps run through kvlab's fast path (`kvlab.decode.Decoder`, what `generate` runs). At the longest
+context it prints issue 11's targets: every structure >= 0.5 of its roofline, MLA >= 1.0x GQA, MQA and
+MLKV faster than GQA faster than MHA.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 import kvlab
 from kvlab import GPT, ModelConfig
 from kvlab.checkpoint import environment_info
-from kvlab.generate import decode_one_token
+from kvlab.decode import Decoder
 
 # perf_counter (wall) by default; --clock cpu times this process's CPU seconds instead, which a 1-thread run
 # on cores shared with other jobs keeps steady (time spent descheduled is not counted).
@@ -88,7 +93,15 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def sweep(
-    model: GPT, contexts: list[int], steps: int, rounds: int, batch: int, dtype, device, bandwidth: float
+    model: GPT,
+    contexts: list[int],
+    steps: int,
+    rounds: int,
+    batch: int,
+    dtype,
+    device,
+    bandwidth: float,
+    compile: bool = False,
 ):
     """Grow one cache through the contexts; at each, time `rounds` x `steps` decode steps. Returns rows."""
     vocab = model.config.vocab_size
@@ -98,20 +111,21 @@ def sweep(
     if cache.nbytes() != analytic:
         raise AssertionError(f"measured cache bytes {cache.nbytes()} != analytic {analytic}")
     w_bytes = weight_bytes(model)
+    decoder = Decoder(model, compile=compile)
     rows = []
     token = None
     for context in contexts:
         if cache.pos < context:  # prefill up to this context (the earlier decode steps are part of it)
             idx = torch.randint(0, vocab, (batch, context - cache.pos), device=device)
             token = model(idx, cache=cache)[:, -1:].argmax(-1)
-        token = decode_one_token(model, token, cache).argmax(-1, keepdim=True)  # untimed warm-up step
+        token = decoder.step(token, cache).argmax(-1, keepdim=True)  # untimed warm-up step
         held = cache.pos
         rounds_s = []
         for _ in range(rounds):  # the best round: other processes on shared cores only ever slow a step
             _sync(device)
             t0 = CLOCK[0]()
             for _ in range(steps):
-                token = decode_one_token(model, token, cache).argmax(-1, keepdim=True)
+                token = decoder.step(token, cache).argmax(-1, keepdim=True)
             _sync(device)
             rounds_s.append((CLOCK[0]() - t0) / steps)
         sec = min(rounds_s)
@@ -123,6 +137,30 @@ def sweep(
             "roofline_fraction": roof / sec, "round_ms": [t * 1e3 for t in rounds_s],
         })  # fmt: skip
     return rows
+
+
+def check_targets(longest: dict[str, dict]) -> dict:
+    """Issue 11's targets at the longest context: every structure >= 0.5 of its roofline, MLA >= GQA, and
+    MQA, MLKV faster than GQA faster than MHA (which read fewer bytes than each other in that order)."""
+    targets: dict[str, dict] = {}
+    for name, r in longest.items():
+        targets[f"{name} >= 0.5 of roofline"] = {
+            "value": r["roofline_fraction"],
+            "met": r["roofline_fraction"] >= 0.5,
+        }
+    tps = {name: r["tokens_per_s"] for name, r in longest.items()}
+    mlkv = next((n for n in tps if n.startswith("mlkv")), None)
+    pairs = [("mla", "gqa", 1.0), ("mqa", "gqa", None), (mlkv, "gqa", None), ("gqa", "mha", None)]
+    for fast, slow, at_least in pairs:
+        if fast in tps and slow in tps:
+            ratio = tps[fast] / tps[slow]
+            key = f"{fast} >= 1.0x {slow}" if at_least else f"{fast} faster than {slow}"
+            targets[key] = {"value": ratio, "met": ratio >= 1.0 if at_least else ratio > 1.0}
+    by_bytes = sorted(longest, key=lambda n: longest[n]["weight_bytes"] + longest[n]["kv_bytes_read"])
+    print("fewest bytes read first: " + ", ".join(f"{n} {tps[n]:.1f} t/s" for n in by_bytes))
+    for key, t in targets.items():
+        print(f"target (issue 11) {key}: {t['value']:.2f}: {'met' if t['met'] else 'NOT met'}")
+    return targets
 
 
 def plot(results: dict, out: Path) -> None:
@@ -164,6 +202,7 @@ def main(argv=None) -> int:
         "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (1 thread)"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="time the compiled decode step")
     p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
@@ -192,8 +231,9 @@ def main(argv=None) -> int:
         cfg = ModelConfig.from_dict(dict(shape, family=args.family, block_size=block, attention=name))
         model = GPT(cfg).to(device=device, dtype=dtype).eval()
         rows = sweep(
-            model, sorted(args.contexts), args.steps, args.rounds, args.batch_size, dtype, device, bandwidth
-        )
+            model, sorted(args.contexts), args.steps, args.rounds, args.batch_size, dtype, device, bandwidth,
+            args.compile,
+        )  # fmt: skip
         results[name] = rows
         for r in rows:
             print(f"{name:<14} {r['context']:>7} {r['step_ms']:>8.2f} {r['tokens_per_s']:>9.1f} "
@@ -205,12 +245,14 @@ def main(argv=None) -> int:
         base = longest["gqa"]["tokens_per_s"]
         print(f"\nat context {max(args.contexts)}: tokens/s relative to gqa: " + ", ".join(
             f"{n} {r['tokens_per_s'] / base:.2f}" for n, r in longest.items()))  # fmt: skip
+    targets = check_targets(longest)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     commit = (env["git_commit"] or "nocommit")[:7]
     stem = f"decode_roofline_{device.type}_{commit}{args.tag}"
     payload = {"benchmark": "decode_roofline", "settings": vars(args), "environment": env,
-               "copy_bandwidth_bytes_per_s": bandwidth, "dtype": str(dtype), "results": results}  # fmt: skip
+               "copy_bandwidth_bytes_per_s": bandwidth, "dtype": str(dtype), "results": results,
+               "targets": targets}  # fmt: skip
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(results, out_dir / f"{stem}.png")
     print(f"wrote {out_dir / stem}.json and .png")
