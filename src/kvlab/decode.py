@@ -1,15 +1,15 @@
 """The decode fast path: one token per sequence per step over a KVCache, for `kvlab.generate`.
 
 `Decoder.step` computes what `GPT.forward(token, cache=cache)` computes for one token in eval mode, with
-a fraction of its tensor ops: the input checks run once per generation (`check`), not per token (the
-tokens come from sampling), the residual stream stays (B, C), and each KV structure's lean `decode`
-(kvlab.attention) does the attention. A batch-1 step is a chain of GEMVs plus one read of the cache, so
-the weights are read in the layout that streams fastest: on CPU in float32, every Linear whose output is
-wider than its input (the LM head, the MLP up-projection, K/V projections) from an (in, out) contiguous
-copy, which MKL's GEMV reads 1.3-2.3x faster than the (out, in) parameter with its short rows
-(benchmarks/README.md, "GEMV layout"). The copies live as long as the Decoder, about the size of those
-weights again; build a new Decoder after changing the weights. The invariant tests check
-Decoder.step == GPT.forward for every structure and family.
+less work per token: the input checks run once per generation (`check`), not per token (the tokens come
+from sampling), the residual stream stays (B, C), linears are plain mm/addmm calls, and each KV
+structure's lean `decode` (kvlab.attention) does the attention. A batch-1 step is a chain of GEMVs plus
+one read of the cache, so the weights are read in the layout that streams fastest: on CPU in float32,
+every Linear whose output is wider than its input (the LM head, the MLP up-projection, K/V projections)
+from an (in, out) contiguous copy, which MKL's GEMV reads 1.3-2.2x faster than the (out, in) parameter
+with its short rows (benchmarks/README.md, "What changed"). The copies live as long as the Decoder, about
+the size of those weights again; build a new Decoder after changing the weights. The invariant tests
+check Decoder.step == GPT.forward for every structure and family.
 """
 
 from __future__ import annotations

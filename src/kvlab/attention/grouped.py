@@ -77,9 +77,10 @@ class GroupedAttention(KVStructure):
     def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:
         """One token per sequence, x (B, C): write its K/V at `pos` (owner), attend over 0..pos in place.
 
-        The arithmetic of forward's cached path in about a third of the tensor ops: no payload tuple, no
-        widening of the whole cache when the dtypes already agree, and each KV head's G query heads folded
-        onto the query axis so every cached KV head is read once (no mask: a step sees every key).
+        The arithmetic of forward's cached path without its Python layers (payload tuple, state read and
+        write loops, module calls) and without widening the whole cache when the dtypes already agree;
+        each KV head's G query heads are folded onto the query axis so every cached KV head is read once
+        (no mask: a step sees every key).
         """
         B = x.shape[0]
         H_kv, D = self.n_kv_heads, self.head_dim
