@@ -13,11 +13,19 @@ roofline is (roofline step time) / (measured step time), 1.0 meaning the step ru
 - bandwidth: best of several `dst.copy_(src)` of a buffer larger than the last-level cache, counted as
   bytes read + bytes written (STREAM's "copy"), in the same process and thread count.
 
+Every structure's model and cache are built first and the timing rounds interleave the structures (each
+times `--steps` steps in turn), so load from other jobs on shared cores falls on all of them alike.
+
 Random weights, float32 on CPU (bf16 on CUDA). Prints a table, writes JSON (machine, versions, git commit)
 and a plot of tokens/s and roofline fraction against context.
 
     python benchmarks/decode_roofline.py                              # 6 x 512, contexts 256..4096
     python benchmarks/decode_roofline.py --contexts 128 512 --structures mha mla --steps 8
+    python benchmarks/decode_roofline.py --threads 1 --clock cpu --steps 8 --contexts 4096   # the targets
+
+Decode steps run through kvlab's fast path (`kvlab.decode.Decoder`, what `generate` runs). At the longest
+context it prints issue 11's targets: every structure >= 0.5 of its roofline, MLA >= 1.0x GQA, MQA and
+MLKV faster than GQA faster than MHA.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import torch
 import kvlab
 from kvlab import GPT, ModelConfig
 from kvlab.checkpoint import environment_info
-from kvlab.generate import decode_one_token
+from kvlab.decode import Decoder
 
 # perf_counter (wall) by default; --clock cpu times this process's CPU seconds instead, which a 1-thread run
 # on cores shared with other jobs keeps steady (time spent descheduled is not counted).
@@ -57,6 +65,37 @@ def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 7) -> fl
         _sync(device)
         best = min(best, CLOCK[0]() - t0)
     return 2 * n * 4 / best
+
+
+def gemv_layouts(model: GPT, device: torch.device, mib: int = 128, rounds: int = 5) -> list[dict]:
+    """Batch-1 GEMV read speed of each distinct Linear shape of `model`, from memory (not cache): the
+    (out, in) parameter as F.linear reads it, against an (in, out) contiguous copy (kvlab.decode's
+    layout where out > in). Enough copies of each matrix to exceed `mib` MiB are cycled through."""
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    rows = []
+    for n_out, n_in in shapes:
+        copies = max(2, mib * 2**20 // (n_out * n_in * 4))
+        weights = [torch.randn(n_out, n_in, device=device) for _ in range(copies)]
+        transposed = [w.t().contiguous() for w in weights]
+        x = torch.randn(1, n_in, device=device)
+        best = {}
+        for name, mats, fn in (("out_in", weights, torch.nn.functional.linear),
+                               ("in_out", transposed, torch.mm)):  # fmt: skip
+            for _ in range(rounds):
+                _sync(device)
+                t0 = CLOCK[0]()
+                for w in mats:
+                    fn(x, w)
+                _sync(device)
+                best[name] = min(best.get(name, float("inf")), (CLOCK[0]() - t0) / copies)
+        gbs = {k: n_out * n_in * 4 / t / 1e9 for k, t in best.items()}
+        rows.append({"out": n_out, "in": n_in, "out_in_GBps": gbs["out_in"], "in_out_GBps": gbs["in_out"]})
+        mib_w = n_out * n_in * 4 / 2**20
+        ratio = gbs["in_out"] / gbs["out_in"]
+        print(f"  W ({n_out:>5}, {n_in:>5}) {mib_w:6.2f} MiB: (out, in) {gbs['out_in']:5.1f} GB/s, (in, out) "
+              f"copy {gbs['in_out']:5.1f} GB/s, {ratio:.2f}x", flush=True)  # fmt: skip
+        del weights, transposed
+    return rows
 
 
 def weight_bytes(model: GPT) -> int:
@@ -86,43 +125,93 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def sweep(
-    model: GPT, contexts: list[int], steps: int, rounds: int, batch: int, dtype, device, bandwidth: float
-):
-    """Grow one cache through the contexts; at each, time `rounds` x `steps` decode steps. Returns rows."""
-    vocab = model.config.vocab_size
-    max_len = max(contexts) + (rounds * steps + 2) * len(contexts) + 2
-    cache = model.new_cache(batch_size=batch, max_len=max_len, dtype=dtype, device=device)
-    analytic = model.kv_cache_bytes(batch, max_len, dtype)
-    if cache.nbytes() != analytic:
-        raise AssertionError(f"measured cache bytes {cache.nbytes()} != analytic {analytic}")
-    w_bytes = weight_bytes(model)
-    rows = []
-    token = None
+class Run:
+    """One structure's model, decoder and cache, grown through the contexts by `advance` and `time`."""
+
+    def __init__(self, model: GPT, max_len: int, batch: int, dtype, device, compile: bool):
+        self.model, self.batch, self.dtype, self.device = model, batch, dtype, device
+        self.cache = model.new_cache(batch_size=batch, max_len=max_len, dtype=dtype, device=device)
+        analytic = model.kv_cache_bytes(batch, max_len, dtype)
+        if self.cache.nbytes() != analytic:
+            raise AssertionError(f"measured cache bytes {self.cache.nbytes()} != analytic {analytic}")
+        self.decoder = Decoder(model, compile=compile)
+        self.w_bytes = weight_bytes(model)
+        self.token = None
+        self.rounds_s: list[float] = []
+
+    @torch.inference_mode()
+    def advance(self, context: int) -> None:
+        """Prefill up to `context` tokens (earlier decode steps count), then one untimed decode step."""
+        cache = self.cache
+        if cache.pos < context:
+            idx = torch.randint(0, self.model.config.vocab_size, (self.batch, context - cache.pos))
+            self.token = self.model(idx.to(self.device), cache=cache)[:, -1:].argmax(-1)
+        self.token = self.decoder.step(self.token, cache).argmax(-1, keepdim=True)
+        self.held, self.rounds_s = cache.pos, []
+
+    @torch.inference_mode()
+    def time(self, steps: int) -> None:
+        _sync(self.device)
+        t0 = CLOCK[0]()
+        for _ in range(steps):
+            self.token = self.decoder.step(self.token, self.cache).argmax(-1, keepdim=True)
+        _sync(self.device)
+        self.rounds_s.append((CLOCK[0]() - t0) / steps)
+
+    def row(self, steps: int, bandwidth: float) -> dict:
+        sec = min(self.rounds_s)  # the best round: other processes on shared cores only ever slow a step
+        kv_read = self.model.kv_cache_bytes(
+            self.batch, self.held + len(self.rounds_s) * steps // 2, self.dtype
+        )
+        roof = (self.w_bytes + kv_read) / bandwidth  # kv_read: the mean tokens held while timed
+        return {
+            "context": self.held, "step_ms": sec * 1e3, "tokens_per_s": self.batch / sec,
+            "weight_bytes": self.w_bytes, "kv_bytes_read": kv_read, "roofline_ms": roof * 1e3,
+            "roofline_fraction": roof / sec, "round_ms": [t * 1e3 for t in self.rounds_s],
+        }  # fmt: skip
+
+
+def sweep(runs: dict[str, Run], contexts: list[int], steps: int, rounds: int, bandwidth: float):
+    """Grow every structure's cache through the contexts; at each, `rounds` rounds in which every
+    structure times `steps` decode steps in turn, so load from other jobs falls on all of them alike."""
+    results: dict[str, list[dict]] = {name: [] for name in runs}
     for context in contexts:
-        if cache.pos < context:  # prefill up to this context (the earlier decode steps are part of it)
-            idx = torch.randint(0, vocab, (batch, context - cache.pos), device=device)
-            token = model(idx, cache=cache)[:, -1:].argmax(-1)
-        token = decode_one_token(model, token, cache).argmax(-1, keepdim=True)  # untimed warm-up step
-        held = cache.pos
-        rounds_s = []
-        for _ in range(rounds):  # the best round: other processes on shared cores only ever slow a step
-            _sync(device)
-            t0 = CLOCK[0]()
-            for _ in range(steps):
-                token = decode_one_token(model, token, cache).argmax(-1, keepdim=True)
-            _sync(device)
-            rounds_s.append((CLOCK[0]() - t0) / steps)
-        sec = min(rounds_s)
-        kv_read = model.kv_cache_bytes(batch, held + rounds * steps // 2, dtype)  # mean tokens held
-        roof = (w_bytes + kv_read) / bandwidth
-        rows.append({
-            "context": held, "step_ms": sec * 1e3, "tokens_per_s": batch / sec,
-            "weight_bytes": w_bytes, "kv_bytes_read": kv_read, "roofline_ms": roof * 1e3,
-            "roofline_fraction": roof / sec, "round_ms": [t * 1e3 for t in rounds_s],
-        })  # fmt: skip
-    return rows
+        for run in runs.values():
+            run.advance(context)
+        for _ in range(rounds):
+            for run in runs.values():
+                run.time(steps)
+        for name, run in runs.items():
+            r = run.row(steps, bandwidth)
+            results[name].append(r)
+            print(f"{name:<14} {r['context']:>7} {r['step_ms']:>8.2f} {r['tokens_per_s']:>9.1f} "
+                  f"{r['roofline_ms']:>8.2f} {r['roofline_fraction']:>7.2f} {r['kv_bytes_read'] / 2**20:>11.1f}",  # noqa: E501
+                  flush=True)  # fmt: skip
+    return results
+
+
+def check_targets(longest: dict[str, dict]) -> dict:
+    """Issue 11's targets at the longest context: every structure >= 0.5 of its roofline, MLA >= GQA, and
+    MQA, MLKV faster than GQA faster than MHA (which read fewer bytes than each other in that order)."""
+    targets: dict[str, dict] = {}
+    for name, r in longest.items():
+        targets[f"{name} >= 0.5 of roofline"] = {
+            "value": r["roofline_fraction"],
+            "met": r["roofline_fraction"] >= 0.5,
+        }
+    tps = {name: r["tokens_per_s"] for name, r in longest.items()}
+    mlkv = next((n for n in tps if n.startswith("mlkv")), None)
+    pairs = [("mla", "gqa", 1.0), ("mqa", "gqa", None), (mlkv, "gqa", None), ("gqa", "mha", None)]
+    for fast, slow, at_least in pairs:
+        if fast in tps and slow in tps:
+            ratio = tps[fast] / tps[slow]
+            key = f"{fast} >= 1.0x {slow}" if at_least else f"{fast} faster than {slow}"
+            targets[key] = {"value": ratio, "met": ratio >= 1.0 if at_least else ratio > 1.0}
+    by_bytes = sorted(longest, key=lambda n: longest[n]["weight_bytes"] + longest[n]["kv_bytes_read"])
+    print("fewest bytes read first: " + ", ".join(f"{n} {tps[n]:.1f} t/s" for n in by_bytes))
+    for key, t in targets.items():
+        print(f"target (issue 11) {key}: {t['value']:.2f}: {'met' if t['met'] else 'NOT met'}")
+    return targets
 
 
 def plot(results: dict, out: Path) -> None:
@@ -164,6 +253,9 @@ def main(argv=None) -> int:
         "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (1 thread)"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="time the compiled decode step")
+    p.add_argument("--gemv", action="store_true", help="also time batch-1 GEMVs of the model's Linear "
+                   "shapes in both layouts (why kvlab.decode re-lays out wide-output weights)")  # fmt: skip
     p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
@@ -187,30 +279,32 @@ def main(argv=None) -> int:
           f"{'KV MiB read':>11}")  # fmt: skip
     block = max(args.contexts) + (args.rounds * args.steps + 2) * len(args.contexts) + 2
     shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, vocab_size=args.vocab_size)
-    results: dict[str, list[dict]] = {}
+    gemv = None
+    if args.gemv:
+        print("batch-1 GEMV from memory, per Linear shape of the mha and mla models:")
+        gemv = []
+        for name in ("mha", "mla"):
+            cfg = ModelConfig.from_dict(dict(shape, family=args.family, block_size=block, attention=name))
+            gemv += gemv_layouts(GPT(cfg).to(device=device, dtype=dtype), device)
+    runs = {}
     for name in args.structures:
         cfg = ModelConfig.from_dict(dict(shape, family=args.family, block_size=block, attention=name))
         model = GPT(cfg).to(device=device, dtype=dtype).eval()
-        rows = sweep(
-            model, sorted(args.contexts), args.steps, args.rounds, args.batch_size, dtype, device, bandwidth
-        )
-        results[name] = rows
-        for r in rows:
-            print(f"{name:<14} {r['context']:>7} {r['step_ms']:>8.2f} {r['tokens_per_s']:>9.1f} "
-                  f"{r['roofline_ms']:>8.2f} {r['roofline_fraction']:>7.2f} {r['kv_bytes_read'] / 2**20:>11.1f}",  # noqa: E501
-                  flush=True)  # fmt: skip
-        del model
+        runs[name] = Run(model, block, args.batch_size, dtype, device, args.compile)
+    results = sweep(runs, sorted(args.contexts), args.steps, args.rounds, bandwidth)
     longest = {name: rows[-1] for name, rows in results.items()}
     if "gqa" in longest:
         base = longest["gqa"]["tokens_per_s"]
         print(f"\nat context {max(args.contexts)}: tokens/s relative to gqa: " + ", ".join(
             f"{n} {r['tokens_per_s'] / base:.2f}" for n, r in longest.items()))  # fmt: skip
+    targets = check_targets(longest)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     commit = (env["git_commit"] or "nocommit")[:7]
     stem = f"decode_roofline_{device.type}_{commit}{args.tag}"
     payload = {"benchmark": "decode_roofline", "settings": vars(args), "environment": env,
-               "copy_bandwidth_bytes_per_s": bandwidth, "dtype": str(dtype), "results": results}  # fmt: skip
+               "copy_bandwidth_bytes_per_s": bandwidth, "dtype": str(dtype), "results": results,
+               "targets": targets, "gemv": gemv}  # fmt: skip
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(results, out_dir / f"{stem}.png")
     print(f"wrote {out_dir / stem}.json and .png")

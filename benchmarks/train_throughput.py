@@ -3,13 +3,17 @@
 Every structure and a `transformers` GPT2LMHeadModel of the same shape (layers, heads, width, context,
 vocabulary; SDPA attention, no dropout) and nanoGPT's model of the same shape (`NanoGPT` below, written
 here from the structure of karpathy/nanoGPT's model.py: fused c_attn, flash SDPA, GELU MLP, tied head)
-run the same training step (forward, CE loss, backward, clip,
-AdamW with kvlab's decay groups) on the same random tokens, in the same process. Rounds interleave the
+run a training step (forward, CE loss, backward, clip, AdamW with kvlab's decay groups) on the same
+random tokens, in the same process, all in eager mode. kvlab's models take the step kvlab.train takes
+(`micro_batch_loss`: on CPU float32 the fused LM-head cross-entropy of kvlab.train.linear_ce); nanoGPT
+and HF GPT-2 compute logits and F.cross_entropy, as their own training scripts do. Rounds interleave the
 models so that load from other processes on a shared machine hits them all alike; the median round
-counts. Prints a table and writes JSON with the machine, versions and git commit.
+counts. With `--clock cpu` (the default at 1 CPU thread) each step is timed in process CPU seconds, which
+time spent descheduled by other jobs does not inflate. Prints a table and the issue-11 targets (kvlab mha
+>= 1.2x nanoGPT and >= HF GPT-2) and writes JSON with the machine, versions and git commit.
 
     python benchmarks/train_throughput.py                          # cpu-tiny, every structure, 1 thread
-    python benchmarks/train_throughput.py --structures mha gqa --rounds 3 --steps 3
+    python benchmarks/train_throughput.py --structures mha --batch-size 8 --rounds 5 --steps 2
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from kvlab.checkpoint import environment_info
 from kvlab.config import TrainConfig
 from kvlab.errors import KvlabError
 from kvlab.train.optim import configure_optimizer
+from kvlab.train.terms import default_terms, fused_cross_entropy_applies, micro_batch_loss
 
 STRUCTURES = ("mha", "gqa", "mqa", "mla", "cla2", "mlkv-2", "matryoshka-8", "context-32")
 
@@ -91,13 +96,20 @@ class NanoGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def make_step(model: torch.nn.Module, is_hf: bool, device: torch.device, autocast):
+def make_step(model: torch.nn.Module, kind: str, device: torch.device, autocast, amp_dtype: str):
+    """One training step of `model`: kind "kvlab" (kvlab.train's loss), "kvlab-logits" (kvlab's model
+    through logits + F.cross_entropy, its step before the fused loss), "hf" or "nanogpt" (logits + CE)."""
     optimizer = configure_optimizer(model, TrainConfig(), device.type)
+    terms = default_terms()
+    fused = kind == "kvlab" and fused_cross_entropy_applies(terms, model, device, amp_dtype)
 
     def step(x, y):
         with autocast():
-            logits = model(x).logits if is_hf else model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            if kind.startswith("kvlab"):
+                loss = micro_batch_loss(model, model, terms, x, y, fused)
+            else:
+                logits = model(x).logits if kind == "hf" else model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -123,34 +135,55 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadiest on shared cores)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers GPT-2 reference")
     p.add_argument("--no-nanogpt", action="store_true", help="skip the nanoGPT reference")
-    p.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    p.add_argument("--n-embd", type=int, default=None, help="override the preset's width (e.g. 256)")
+    p.add_argument(
+        "--no-logits-row", dest="logits_row", action="store_false",
+        help="skip kvlab mha through logits + F.cross_entropy (its training step before the fused loss)",
+    )  # fmt: skip
+    p.add_argument(
+        "--clock", choices=["auto", "wall", "cpu"], default="auto",
+        help="cpu: process CPU seconds (needs 1 CPU thread); auto: cpu at 1 CPU thread, else wall",
+    )  # fmt: skip
+    p.add_argument("--out", default=None, help="JSON path (default results/train_throughput_<dev>_<commit>)")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    one_cpu_thread = device.type == "cpu" and torch.get_num_threads() == 1
+    if args.clock == "cpu" and not one_cpu_thread:
+        p.error("--clock cpu measures one CPU thread: add --threads 1 (and run on the CPU)")
+    clock = time.process_time if args.clock == "cpu" or (args.clock == "auto" and one_cpu_thread) else None
+    clock_name = "cpu" if clock is not None else "wall"
+    clock = clock or time.perf_counter
+    amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         if device.type == "cuda"
         else (lambda: torch.autocast("cpu", enabled=False))
     )
+    overrides = {"vocab_size": args.vocab_size} | ({"n_embd": args.n_embd} if args.n_embd else {})
     torch.manual_seed(0)
     models: dict[str, tuple] = {}
     for name in args.structures:
         try:
-            cfg = ModelConfig.preset(args.preset, attention=name, vocab_size=args.vocab_size)
+            cfg = ModelConfig.preset(args.preset, attention=name, **overrides)
         except KvlabError as e:  # a structure not built in this checkout
             print(f"skip {name}: {e}")
             continue
         model = GPT(cfg).to(device).train()
-        models[name] = (model, make_step(model, False, device, autocast), model.kv_metrics())
-    cfg = ModelConfig.preset(args.preset, attention="mha", vocab_size=args.vocab_size)
+        models[name] = (model, make_step(model, "kvlab", device, autocast, amp_dtype), model.kv_metrics())
+        if name == "mha" and args.logits_row:
+            twin = GPT(cfg).to(device).train()
+            models["mha, logits + CE"] = (twin, make_step(twin, "kvlab-logits", device, autocast, amp_dtype),
+                                          twin.kv_metrics())  # fmt: skip
+    cfg = ModelConfig.preset(args.preset, attention="mha", **overrides)
     if not args.no_nanogpt:
         nano = NanoGPT(cfg).to(device).train()
-        models["nanoGPT"] = (nano, make_step(nano, False, device, autocast), None)
+        models["nanoGPT"] = (nano, make_step(nano, "nanogpt", device, autocast, amp_dtype), None)
     if not args.no_hf:
         hf = hf_gpt2(cfg).to(device).train()
-        models["HF GPT2LMHeadModel"] = (hf, make_step(hf, True, device, autocast), None)
+        models["HF GPT2LMHeadModel"] = (hf, make_step(hf, "hf", device, autocast, amp_dtype), None)
 
     T = cfg.block_size
     xy = torch.randint(0, args.vocab_size, (args.batch_size, T + 1), device=device)
@@ -161,11 +194,11 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (_, step, _) in models.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 step(x, y)
             sync(device)
-            times[name].append((time.perf_counter() - t0) / args.steps)
+            times[name].append((clock() - t0) / args.steps)
 
     tokens_per_step = args.batch_size * T
     rows = []
@@ -181,32 +214,50 @@ def main() -> None:
         })  # fmt: skip
     ref = next((r["tokens_per_s"] for r in rows if r["model"] == "mha"), None)
     nano = next((r["tokens_per_s"] for r in rows if r["model"] == "nanoGPT"), None)
+    hf = next((r["tokens_per_s"] for r in rows if r["model"] == "HF GPT2LMHeadModel"), None)
     for r in rows:
         r["vs_nanogpt"] = r["tokens_per_s"] / nano if nano else None
+        r["vs_hf_gpt2"] = r["tokens_per_s"] / hf if hf else None
     print(
-        f"\ntraining throughput, {args.preset} shape, batch {args.batch_size} x {T} tokens, "
-        f"vocab {args.vocab_size}, {device.type}"
+        f"\ntraining throughput, {args.preset} shape (n_embd {cfg.n_embd}), batch {args.batch_size} x {T} "
+        f"tokens, vocab {args.vocab_size}, {device.type}"
         + (f", {args.threads} thread(s)" if device.type == "cpu" else "")
+        + f", {clock_name} clock, median of {args.rounds} rounds x {args.steps} steps"
     )
     print(f"{'model':<20} {'params (M)':>10} {'KV B/tok':>9} {'ms/step':>9} {'tokens/s':>9} {'vs mha':>7} "
-          f"{'vs nanoGPT':>10}")  # fmt: skip
+          f"{'vs nanoGPT':>10} {'vs HF':>6}")  # fmt: skip
     for r in rows:
         kvb = f"{r['kv_bytes_per_token']:.0f}" if r["kv_bytes_per_token"] is not None else "-"
         rel = f"{r['tokens_per_s'] / ref:.2f}" if ref else "-"
         print(f"{r['model']:<20} {r['params_M']:>10.2f} {kvb:>9} {r['ms_per_step']:>9.1f} "
-              f"{r['tokens_per_s']:>9.0f} {rel:>7} {r['vs_nanogpt'] or 0:>10.2f}")  # fmt: skip
-    out = Path(args.out)
+              f"{r['tokens_per_s']:>9.0f} {rel:>7} {r['vs_nanogpt'] or 0:>10.2f} "
+              f"{r['vs_hf_gpt2'] or 0:>6.2f}")  # fmt: skip
+    targets = {}
+    if ref and nano:
+        targets["mha_vs_nanogpt"] = {"ratio": ref / nano, "target": 1.2, "met": ref / nano >= 1.2}
+    if ref and hf:
+        targets["mha_vs_hf_gpt2"] = {"ratio": ref / hf, "target": 1.0, "met": ref / hf >= 1.0}
+    for name, t in targets.items():
+        verdict = "met" if t["met"] else "NOT met"
+        print(f"target (issue 11) {name}: {t['ratio']:.2f}x (>= {t['target']}): {verdict}")
+    env = environment_info() | {"transformers": _version("transformers")}
+    commit = (env["git_commit"] or "nocommit")[:7]
+    out = Path(
+        args.out or Path(__file__).parent / "results" / f"train_throughput_{device.type}_{commit}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "train_throughput",
-        "settings": vars(args) | {"device": str(device), "block_size": T},
+        "settings": vars(args)
+        | {"device": str(device), "block_size": T, "n_embd": cfg.n_embd, "clock": clock_name},
         "machine": {
             "processor": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "load_avg_1m": os.getloadavg()[0],  # other processes on a shared machine slow every row
         },
-        "environment": environment_info() | {"transformers": _version("transformers")},
+        "environment": env,
         "rows": rows,
+        "targets": targets,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

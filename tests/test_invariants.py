@@ -1,7 +1,8 @@
 """The invariants that define correctness, for every registered KV structure and combination, in every
 model family (GPT-2 learned positions; NeoX and Llama RoPE, whose keys are cached post-RoPE).
 
-1. cached prefill + step-by-step decode == the full forward (logits and greedy tokens);
+1. cached prefill + step-by-step decode == the full forward (logits and greedy tokens), through
+   GPT.forward and through the decode fast path (kvlab.decode.Decoder, what generate runs);
 2. cache.nbytes() == model.kv_cache_bytes(...) exactly, and borrowing layers allocate nothing;
 3. a layer that borrows KV behaves identically with and without the cache (covered by 1 for every
    kv_share variant, since borrowers read the owner's post-position keys on both paths).
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 from kvlab import GPT
+from kvlab.cache import CacheError
+from kvlab.decode import Decoder
 from kvlab.generate import generate
 
 from conftest import FAMILIES, VARIANTS, tiny_config
@@ -39,6 +42,79 @@ def test_cached_decode_matches_full_forward(name, family):
     steps = [model(idx[:, :t0], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(t0, T)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.pos == T
+
+
+@pytest.mark.parametrize("family", FAMS)
+@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("relayout", [True, False])
+@torch.inference_mode()
+def test_decoder_steps_match_full_forward(name, family, relayout):
+    """The fast path (each structure's `decode`, weights re-laid out for GEMV or not) == the full forward."""
+    model = _model(name, family)
+    B, T, t0 = 2, 23, 9
+    idx = torch.randint(0, model.config.vocab_size, (B, T))
+    full = model(idx)
+    cache = model.new_cache(batch_size=B, max_len=T, dtype=torch.float32)
+    decoder = Decoder(model, relayout=relayout)
+    decoder.check(cache, B)
+    steps = [model(idx[:, :t0], cache=cache)]
+    steps += [decoder.step(idx[:, t : t + 1], cache)[:, None] for t in range(t0, T)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.pos == T
+    assert cache.nbytes() == model.kv_cache_bytes(batch_size=B, max_len=T, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", IDS)
+@torch.inference_mode()
+def test_decoder_from_the_first_token_and_with_a_short_cache(name):
+    """Decoding from position 0 (MLA's unabsorbed first step) and in a cache too short for a Context-KV
+    slot to complete (no ring, no ContextBlock) still equals the full forward."""
+    model = _model(name)
+    idx = torch.randint(0, model.config.vocab_size, (1, 3))
+    cache = model.new_cache(batch_size=1, max_len=3, dtype=torch.float32)
+    decoder = Decoder(model)
+    steps = [decoder.step(idx[:, t : t + 1], cache)[:, None] for t in range(3)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", IDS)
+@torch.inference_mode()
+def test_decoder_reads_a_narrower_cache(name):
+    """A bfloat16 cache under a float32 model: the fast path and GPT.forward read the same rounded K/V."""
+    model = _model(name)
+    idx = torch.randint(0, model.config.vocab_size, (2, 14))
+    outs = []
+    for fast in (False, True):
+        cache = model.new_cache(batch_size=2, max_len=14, dtype=torch.bfloat16)
+        decoder = Decoder(model)
+        steps = [model(idx[:, :6], cache=cache)]
+        for t in range(6, 14):
+            tok = idx[:, t : t + 1]
+            steps.append(decoder.step(tok, cache)[:, None] if fast else model(tok, cache=cache))
+        outs.append(torch.cat(steps, dim=1))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_refuses_a_full_cache():
+    model = _model("gqa")
+    cache = model.new_cache(batch_size=1, max_len=2, dtype=torch.float32)
+    decoder = Decoder(model)
+    with torch.inference_mode():
+        decoder.step(torch.zeros(1, 1, dtype=torch.long), cache)
+        decoder.step(torch.zeros(1, 1, dtype=torch.long), cache)
+        with pytest.raises(CacheError, match="full"):
+            decoder.step(torch.zeros(1, 1, dtype=torch.long), cache)
+
+
+@pytest.mark.slow  # torch.compile of the step: tens of seconds on 2 busy cores
+@pytest.mark.parametrize("name", ["gqa", "mla", "matryoshka-mixed", "context-4"])
+@torch.inference_mode()
+def test_compiled_decoder_matches_eager(name):
+    model = _model(name)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6))
+    eager = generate(model, prompt, max_new_tokens=12)
+    compiled = generate(model, prompt, max_new_tokens=12, compile=True)
+    assert torch.equal(compiled.tokens, eager.tokens)
 
 
 @pytest.mark.parametrize("name", IDS)

@@ -32,6 +32,8 @@ from kvlab.train import (
     train_preset,
 )
 from kvlab.train.checkpointing import load_resume_state, read_metrics
+from kvlab.train.linear_ce import linear_cross_entropy
+from kvlab.train.terms import default_terms, fused_cross_entropy_applies, micro_batch_loss
 
 PATTERN_LEN = 23
 
@@ -146,6 +148,49 @@ def test_distillation_terms_weight_kl_and_ce():
     self_loss, self_logged = total_loss(distillation_terms(student), student, idx, targets, logits)
     assert self_logged["kl"].abs().item() < 1e-6  # KL of a model to itself is zero
     torch.testing.assert_close(self_loss, 0.75 * ce, rtol=0, atol=1e-6)  # ... so only the CE part is left
+
+
+@pytest.mark.parametrize("n, vocab", [(2048, 8192), (37, 97), (300, 50)])  # one chunk or many
+def test_linear_cross_entropy_equals_logits_cross_entropy(n, vocab):
+    """The fused LM-head loss: same value, same gradients for h and W, as F.cross_entropy of h @ W^T
+    (also through a weight on the loss, and with W frozen)."""
+    h = torch.randn(n, 24, requires_grad=True)
+    w = (torch.randn(vocab, 24) * 0.3).requires_grad_()
+    y = torch.randint(0, vocab, (n,))
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y)
+    (0.75 * ref).backward()
+    ref_grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    fused = linear_cross_entropy(h, w, y)
+    (0.75 * fused).backward()
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h.grad, ref_grads[0], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(w.grad, ref_grads[1], rtol=1e-5, atol=1e-8)
+    h.grad = None
+    linear_cross_entropy(h, w.detach(), y).backward()
+    torch.testing.assert_close(h.grad, ref_grads[0] / 0.75, rtol=1e-5, atol=1e-8)
+
+
+def test_fused_micro_batch_loss_equals_the_logits_path():
+    """What the loop runs on CPU float32 (the fused path) gives the loss and gradients of model(x) + CE,
+    tied embeddings included; other terms, autocast and GPUs keep the logits path."""
+    torch.manual_seed(0)
+    model = GPT(tiny_model(bias=True)).train()
+    idx, targets = torch.randint(0, 64, (3, 20)), torch.randint(0, 64, (3, 20))
+    terms = default_terms()
+    assert fused_cross_entropy_applies(terms, model, torch.device("cpu"), "float32")
+    assert not fused_cross_entropy_applies(terms, model, torch.device("cpu"), "bfloat16")
+    assert not fused_cross_entropy_applies(distillation_terms(GPT(tiny_model())), model, "cpu", "float32")
+    losses, grads = [], []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = micro_batch_loss(model, model, terms, idx, targets, fused)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 # ---- the loop ----------------------------------------------------------------------------------

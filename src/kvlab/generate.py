@@ -1,7 +1,8 @@
 """Cached generation: prefill the prompt, then decode one token at a time over the model's KV cache.
 
-`prefill` and `decode_one_token` are small functions (gpt-fast style) so the decode step can be compiled
-alone; `generate` runs the loop, stops at EOS, and reports tokens/s for the decode phase.
+`prefill` and `decode_one_token` are small functions (gpt-fast style); `generate` runs the loop through
+kvlab.decode's fast path (`Decoder.step`, optionally compiled: only the one-token step, as gpt-fast),
+stops at EOS, and reports tokens/s for the decode phase.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlab.cache import CacheError, KVCache
+from kvlab.decode import Decoder
 from kvlab.errors import KvlabError
 from kvlab.inputs import check_token_ids
 from kvlab.model import GPT
@@ -99,8 +101,12 @@ def generate(
     eos_token: int | None = None,
     cache_dtype: torch.dtype | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> GenerationResult:
-    """Generate up to max_new_tokens after prompt idx (B, T) with a cache sized prompt + new tokens."""
+    """Generate up to max_new_tokens after prompt idx (B, T) with a cache sized prompt + new tokens.
+
+    compile=True compiles the decode step (torch.compile; the first steps pay the compilation, which
+    decode_s includes)."""
     check_generation_options(model, idx, max_new_tokens, temperature, top_k, eos_token)
     B, T = idx.shape
     max_len = T + max_new_tokens
@@ -113,6 +119,7 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
     cache = model.new_cache(batch_size=B, max_len=max_len, dtype=cache_dtype)
+    decoder = Decoder(model, compile=compile)
     _sync(idx.device)
     t0 = time.perf_counter()
     next_tok = sample(prefill(model, idx, cache), temperature, top_k, generator)
@@ -125,7 +132,7 @@ def generate(
             finished |= next_tok.squeeze(1) == eos_token
             if bool(finished.all()):
                 break
-        next_tok = sample(decode_one_token(model, next_tok, cache), temperature, top_k, generator)
+        next_tok = sample(decoder.step(next_tok, cache), temperature, top_k, generator)
         if eos_token is not None:  # finished sequences keep emitting EOS
             next_tok = torch.where(finished[:, None], torch.full_like(next_tok, eos_token), next_tok)
         out.append(next_tok)

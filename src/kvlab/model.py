@@ -143,8 +143,12 @@ class GPT(nn.Module):
             block.attn.reset_parameters()
 
     # ---- forward --------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, vocab). With a cache: appends to it and returns every position."""
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, *, hidden: bool = False
+    ) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, vocab). With a cache: appends to it and returns every position.
+        hidden=True: the final-norm states (B, T, C) instead, for a loss that applies the LM head itself
+        (kvlab.train.linear_ce)."""
         check_token_ids(idx, self.config.vocab_size)
         B, T = idx.shape
         pos = 0
@@ -177,7 +181,8 @@ class GPT(nn.Module):
                     kvs[i] = new_kv
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        return x if hidden else self.lm_head(x)
 
     # ---- the cache ------------------------------------------------------------------------------
     def _param_dtype(self) -> torch.dtype:

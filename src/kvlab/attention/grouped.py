@@ -14,10 +14,14 @@ import torch
 import torch.nn as nn
 
 from kvlab.attention.base import (
+    PLAIN_LINEARS,
     KVStructure,
+    Linears,
     Payload,
     TensorState,
     causal_attention,
+    decode_attention,
+    kv_buffer,
     register,
     register_preset,
 )
@@ -60,8 +64,7 @@ class GroupedAttention(KVStructure):
 
     def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
-        k = torch.zeros(shape, device=device, dtype=dtype)
-        v = torch.zeros(shape, device=device, dtype=dtype)
+        k, v = kv_buffer(shape, device, dtype), kv_buffer(shape, device, dtype)
         return TensorState({"k": k, "v": v}, time_dim=2)
 
     def attend(self, x: torch.Tensor, pos: int, kv: Payload) -> torch.Tensor:
@@ -70,6 +73,31 @@ class GroupedAttention(KVStructure):
         q = self.queries(x, pos)  # (B, H, T, D)
         y = causal_attention(q, k, v, pos, dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:
+        """One token per sequence, x (B, C): write its K/V at `pos` (owner), attend over 0..pos in place.
+
+        The arithmetic of forward's cached path without its Python layers (payload tuple, state read and
+        write loops, module calls) and without widening the whole cache when the dtypes already agree;
+        each KV head's G query heads are folded onto the query axis so every cached KV head is read once
+        (no mask: a step sees every key).
+        """
+        B = x.shape[0]
+        H_kv, D = self.n_kv_heads, self.head_dim
+        k_buf, v_buf = state.tensors["k"], state.tensors["v"]  # (B, H_kv, max_len, D)
+        if self.owns_kv:
+            kv = linear(self.kv_proj, x).view(B, 2, H_kv, 1, D)  # (B, 2, H_kv, 1, D)
+            k = kv[:, 0] if self.rotary is None else self.rotary(kv[:, 0], pos)  # cached post-RoPE
+            k_buf[:, :, pos : pos + 1].copy_(k)
+            v_buf[:, :, pos : pos + 1].copy_(kv[:, 1])
+        q = linear(self.q_proj, x).view(B, self.n_head, 1, D)  # (B, H, 1, D)
+        if self.rotary is not None:
+            q = self.rotary(q, pos)
+        k, v = k_buf[:, :, : pos + 1], v_buf[:, :, : pos + 1]  # (B, H_kv, pos + 1, D) views
+        if k.dtype != q.dtype:  # a cache narrower than the compute (bf16 cache, fp32 model)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = decode_attention(q.view(B, H_kv, -1, D), k, v)  # (B, H_kv, G, D)
+        return linear(self.c_proj, y.reshape(B, self.n_embd))
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> float:
         return 2 * self.n_kv_heads * self.head_dim * dtype.itemsize if self.owns_kv else 0

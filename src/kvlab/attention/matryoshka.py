@@ -16,7 +16,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from kvlab.attention.base import Payload, TensorState, causal_attention, register, register_preset
+from kvlab.attention.base import (
+    PLAIN_LINEARS,
+    Linears,
+    Payload,
+    TensorState,
+    causal_attention,
+    decode_attention,
+    kv_buffer,
+    register,
+    register_preset,
+)
 from kvlab.attention.grouped import GroupedAttention
 from kvlab.cache import CacheError
 from kvlab.config import AttentionConfig, ConfigError, ModelConfig, ModelShape
@@ -161,7 +171,7 @@ class MatryoshkaAttention(GroupedAttention):
     def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
         groups = self.rank_groups()
         tensors = {
-            f"{kv}{g}": torch.zeros(batch_size, len(heads), max_len, r, device=device, dtype=dtype)
+            f"{kv}{g}": kv_buffer((batch_size, len(heads), max_len, r), device, dtype)
             for kv in ("k", "v")
             for g, (r_k, r_v, heads) in enumerate(groups)
             for r in [r_k if kv == "k" else r_v]
@@ -205,6 +215,56 @@ class MatryoshkaAttention(GroupedAttention):
         y = y.reshape(B, self.n_head, T, D)  # (B, H, T, D)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
+    def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:
+        """One token per sequence, x (B, C): `project_kv` + `attend` for T = 1 without the payload tuple.
+
+        Writes each rank group's coefficients of the new K/V at `pos`, then per group: the query absorbs
+        U_k's first r_k columns, attends over the group's coefficients in place, and U_v's first r_v
+        columns (plus the mean) map the result back to head_dim.
+        """
+        self._check_state(state)
+        B = x.shape[0]
+        H_kv, D = self.n_kv_heads, self.head_dim
+        u_k, u_v = self.bases()  # (H_kv, D, D) each
+        groups = self.rank_groups()
+        held = state.tensors
+        kv = linear(self.kv_proj, x).view(B, 2, H_kv, 1, D)  # (B, 2, H_kv, 1, D)
+        k = kv[:, 0] if self.rotary is None else self.rotary(kv[:, 0], pos)  # post-RoPE
+        c_k, c_v = self._full_coefficients(k, kv[:, 1], u_k, u_v)  # (B, H_kv, 1, D) each
+        q = linear(self.q_proj, x).view(B, self.n_head, 1, D)  # (B, H, 1, D)
+        if self.rotary is not None:
+            q = self.rotary(q, pos)
+        q = q.view(B, H_kv, -1, D)  # (B, H_kv, G, D)
+        y = None
+        for g, (r_k, r_v, heads) in enumerate(groups):
+            k_buf, v_buf = held[f"k{g}"], held[f"v{g}"]  # (B, n, max_len, r_k), (B, n, max_len, r_v)
+            k_buf[:, :, pos : pos + 1].copy_(_heads(c_k, heads)[..., :r_k])
+            v_buf[:, :, pos : pos + 1].copy_(_heads(c_v, heads)[..., :r_v])
+            q_g = _heads(q, heads) @ _heads(u_k, heads, 0)[..., :r_k]  # (B, n, G, r_k)
+            c_kg, c_vg = k_buf[:, :, : pos + 1], v_buf[:, :, : pos + 1]
+            if c_kg.dtype != q_g.dtype:  # a cache narrower than the compute
+                c_kg, c_vg = c_kg.to(q_g.dtype), c_vg.to(q_g.dtype)
+            o = decode_attention(q_g, c_kg, c_vg, scale=D**-0.5)  # (B, n, G, r_v)
+            u_vr = _heads(u_v, heads, 0)[..., :r_v].transpose(-1, -2)  # (n, r_v, D)
+            out = o @ u_vr + _heads(self.v_mean, heads, 0)[:, None, :]  # (B, n, G, D)
+            if len(groups) == 1:
+                y = out
+            else:
+                y = out.new_empty(B, H_kv, out.shape[2], D) if y is None else y
+                y[:, heads] = out
+        return linear(self.c_proj, y.reshape(B, self.n_embd))
+
+    def _check_state(self, state) -> None:
+        if isinstance(state, MatryoshkaState) and (state.k_ranks, state.v_ranks) != (
+            self.k_ranks,
+            self.v_ranks,
+        ):
+            raise CacheError(
+                f"layer {self.layer_idx}: ranks changed after the cache was created (cache K {state.k_ranks}"
+                f" V {state.v_ranks}, now K {self.k_ranks} V {self.v_ranks}); create a new cache with "
+                "model.new_cache(...) after setting ranks"
+            )
+
     def _attend_masked(self, x: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, u_k, u_v) -> torch.Tensor:
         """Training path: one batched SDPA over K/V reconstructed from rank-masked coefficients.
 
@@ -229,15 +289,7 @@ class MatryoshkaAttention(GroupedAttention):
             k, v = super().project_kv(x, pos)  # (B, H_kv, T, D) each
             c_k, c_v = self._full_coefficients(k, v, u_k, u_v)  # (B, H_kv, T, D) each
             return self._attend_masked(x, c_k, c_v, u_k, u_v), self._group_payload(c_k, c_v)
-        if isinstance(state, MatryoshkaState) and (state.k_ranks, state.v_ranks) != (
-            self.k_ranks,
-            self.v_ranks,
-        ):
-            raise CacheError(
-                f"layer {self.layer_idx}: ranks changed after the cache was created (cache K {state.k_ranks}"
-                f" V {state.v_ranks}, now K {self.k_ranks} V {self.v_ranks}); create a new cache with "
-                "model.new_cache(...) after setting ranks"
-            )
+        self._check_state(state)
         return super().forward(x, pos=pos, state=state, kv=kv)
 
 

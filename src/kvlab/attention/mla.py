@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 
 from kvlab.attention.base import (
+    PLAIN_LINEARS,
     KVStructure,
+    Linears,
     Payload,
     TensorState,
     causal_attention,
@@ -235,13 +237,8 @@ class LatentAttention(KVStructure):
         q = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, r + rd)
         # The cache (c_kv ++ k_rope), read in place, as one KV head; the values are c_kv itself (a view).
         if q.shape[2] == 1 and dropout_p == 0.0:
-            # A decode step sees every held key, and all H heads read the one latent head: two GEMMs over
-            # the cache in place. SDPA's CPU kernels take their math path here (value width r != key width
-            # r + rd), measured about 2x slower at S = 4096 (benchmarks/decode_roofline.py).
             B, H = q.shape[:2]
-            scores = torch.bmm(q.view(B, H, -1), latent.transpose(1, 2)) * scale  # (B, H, S)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
-            o_latent = torch.bmm(probs, c_kv).view(B, H, 1, self.kv_rank)
+            o_latent = _latent_step(q.view(B, H, -1), latent, c_kv, scale).view(B, H, 1, self.kv_rank)
         else:
             o_latent = causal_attention(
                 q, latent[:, None], c_kv[:, None], pos, scale=scale, dropout_p=dropout_p
@@ -251,6 +248,43 @@ class LatentAttention(KVStructure):
             b_v = self.kv_b.bias.view(self.n_head, 2 * self.head_dim)[:, self.head_dim :]  # (H, hd)
             y = y + b_v[None, :, None, :]
         return y
+
+    def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:
+        """One token per sequence, x (B, C): the absorbed path of `attend` in (B, H, width) tensors.
+
+        The owner writes c_kv ++ k_rope at `pos` of the one latent buffer; every head then scores and mixes
+        the latent in place (`_latent_step`). W_UK and W_UV stay views of kv_b's weight: folding W_UK into
+        the query projection would make q_b H * kv_rank wide instead of H * head_dim (4x the bytes at
+        kv_rank = 4 head_dim) and a batch-1 step is bound by the bytes it reads.
+        """
+        if self.rope_heads > 1 or not self.use_absorbed(pos, 1):
+            return super().decode(x, pos, state, linear)
+        B = x.shape[0]
+        H, hd, rd, r = self.n_head, self.head_dim, self.rope_dim, self.kv_rank
+        buf = state.tensors["latent"]  # (B, max_len, r + rd)
+        if self.owns_kv:
+            c_kv, k_rope = linear(self.kv_a, x).split([r, rd], dim=-1)  # (B, r), (B, rd)
+            if self.kv_norm is not None:
+                c_kv = _rms_norm(self.kv_norm, c_kv)
+            buf[:, pos, :r].copy_(c_kv)
+            buf[:, pos, r:].copy_(self._rope(k_rope.view(B, 1, rd), pos).view(B, rd))  # post-RoPE
+        if self.q_rank:
+            q = linear(self.q_b, _rms_norm(self.q_norm, linear(self.q_a, x)))
+        else:
+            q = linear(self.q_proj, x)
+        q = q.view(B, H, hd + rd)
+        q_nope, q_rope = q.split([hd, rd], dim=-1)  # (B, H, hd), (B, H, rd)
+        w_uk, w_uv = self._up_weights()  # (H, hd, r) each
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # (B, H, r)
+        q = torch.cat([q_latent, self._rope(q_rope.view(B, H, 1, rd), pos).view(B, H, rd)], dim=-1)
+        latent = buf[:, : pos + 1]  # (B, S, r + rd), a view
+        if latent.dtype != q.dtype:  # a cache narrower than the compute
+            latent = latent.to(q.dtype)
+        o = _latent_step(q, latent, latent[..., :r], (hd + rd) ** -0.5)  # (B, H, r)
+        y = torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # (B, H, hd)
+        if self.kv_b.bias is not None:
+            y = y + self.kv_b.bias.view(H, 2 * hd)[:, hd:]  # b_V (sum of the probabilities is 1)
+        return linear(self.c_proj, y.reshape(B, H * hd))
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> float:
         return (self.kv_rank + self.rope_heads * self.rope_dim) * dtype.itemsize if self.owns_kv else 0
@@ -262,6 +296,19 @@ class LatentAttention(KVStructure):
     @property
     def latent_rank_ratio(self) -> float:
         return self.kv_rank / (self.head_dim + self.rope_dim)
+
+
+def _latent_step(q: torch.Tensor, latent: torch.Tensor, c_kv: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode step of absorbed MLA: q (B, H, r + rd) over every held latent (B, S, r + rd), values
+    c_kv (B, S, r) -> (B, H, r). All H heads read the one latent head: two GEMMs over the cache in place.
+
+    The scores are computed as latent @ q^T, (B, S, H): MKL streams the cache rows against H query
+    columns about 1.3x faster than q @ latent^T at S = 4096 (benchmarks/README.md), and SDPA's CPU kernels
+    would take their math path here (value width r != key width r + rd).
+    """
+    scores = torch.matmul(latent, q.transpose(1, 2))  # (B, S, H)
+    probs = torch.softmax(scores.transpose(1, 2) * scale, dim=-1, dtype=torch.float32)  # (B, H, S)
+    return torch.bmm(probs.to(latent.dtype), c_kv)  # (B, H, r)
 
 
 class _PairRotary(Rotary):

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         eos_token=eos,
         seed=args.seed,
+        compile=args.compile,
     )
     new = result.tokens[0, len(ids) :].tolist()
     text = tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new))
@@ -86,4 +87,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--eos-id", type=int, default=None, help="stop at this token (default: the tokenizer's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the one-token decode step with torch.compile (the first steps pay the compilation; "
+        "worth it on GPUs and long generations, not on a CPU: see benchmarks/README.md)",
+    )
     p.set_defaults(func=run)

@@ -46,7 +46,14 @@ from kvlab.train.batches import (
 from kvlab.train.distributed import DistContext, init_distributed, resolve_device
 from kvlab.train.optim import GroupRule, Trainable, configure_optimizer, lr_at, select_trainable
 from kvlab.train.rundir import check_resume_config, diverging_warning, prepare_run_dir
-from kvlab.train.terms import Hook, LossTerm, default_terms, distillation_terms, total_loss
+from kvlab.train.terms import (
+    Hook,
+    LossTerm,
+    default_terms,
+    distillation_terms,
+    fused_cross_entropy_applies,
+    micro_batch_loss,
+)
 
 HOOK_SEED_OFFSET = 1
 
@@ -319,6 +326,7 @@ def _train(
     )
 
     # ---- the loop ------------------------------------------------------------------------------
+    fused_ce = fused_cross_entropy_applies(terms, raw_model, device, amp_dtype)
     model.train()
     start = time.perf_counter()
     window_losses, window_train_s, window_t0 = [], 0.0, time.perf_counter()
@@ -338,8 +346,7 @@ def _train(
             sync = nullcontext() if not ctx.enabled or i == len(micro) - 1 else model.no_sync()
             with sync:
                 with autocast():
-                    logits = model(x)
-                    loss, _ = total_loss(terms, raw_model, x, y, logits)
+                    loss = micro_batch_loss(model, raw_model, terms, x, y, fused_ce)
                 # Local mean over this rank's micro-batches; DDP averages ranks -> mean over the global batch.
                 (loss / len(micro)).backward()
             step_loss += loss.detach() / len(micro)

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kvlab.train.linear_ce import linear_cross_entropy
+
 TermFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 # Run before every training step as hook(model, generator). A hook may also define `before_eval(model)`,
 # called before each evaluation and checkpoint: a hook that perturbs the model for training (Matryoshka's
@@ -62,6 +64,32 @@ def distillation_terms(
         LossTerm("kl", kl_to_teacher(teacher, temperature), kl_weight),
         LossTerm("ce", cross_entropy, ce_weight),
     ]
+
+
+def fused_cross_entropy_applies(terms: list[LossTerm], model: nn.Module, device, autocast_dtype: str) -> bool:
+    """Whether `micro_batch_loss` may take the fused LM-head cross-entropy: the loss is cross-entropy
+    alone, the model is a kvlab GPT, and training runs in float32 (no autocast) on the CPU, where it was
+    measured faster; under autocast and on GPUs the logits path is kept."""
+    from kvlab.model import GPT
+
+    return (
+        len(terms) == 1
+        and terms[0].fn is cross_entropy
+        and isinstance(model, GPT)
+        and torch.device(device).type == "cpu"
+        and autocast_dtype == "float32"
+        and model.lm_head.weight.dtype == torch.float32
+    )
+
+
+def micro_batch_loss(model, raw_model, terms: list[LossTerm], idx, targets, fused: bool) -> torch.Tensor:
+    """The training loss of one micro-batch. fused: cross-entropy straight from the final hidden states
+    through the LM head (kvlab.train.linear_ce), the same value as the terms' without the logits tensor.
+    `model` may be the compiled / DDP wrapper of `raw_model`."""
+    if fused:
+        hidden = model(idx, hidden=True)  # (B, T, C)
+        return terms[0].weight * linear_cross_entropy(hidden, raw_model.lm_head.weight, targets)
+    return total_loss(terms, raw_model, idx, targets, model(idx))[0]
 
 
 def total_loss(terms: list[LossTerm], model, idx, targets, logits) -> tuple[torch.Tensor, dict]:

@@ -1,0 +1,120 @@
+"""The decode fast path: one token per sequence per step over a KVCache, for `kvlab.generate`.
+
+`Decoder.step` computes what `GPT.forward(token, cache=cache)` computes for one token in eval mode, with
+less work per token: the input checks run once per generation (`check`), not per token (the tokens come
+from sampling), the residual stream stays (B, C), linears are plain mm/addmm calls, and each KV
+structure's lean `decode` (kvlab.attention) does the attention. A batch-1 step is a chain of GEMVs plus
+one read of the cache, so the weights are read in the layout that streams fastest: on CPU in float32,
+every Linear whose output is wider than its input (the LM head, the MLP up-projection, K/V projections)
+from an (in, out) contiguous copy, which MKL's GEMV reads 1.3-2.2x faster than the (out, in) parameter
+with its short rows (benchmarks/README.md, "What changed"). The copies live as long as the Decoder, about
+the size of those weights again; build a new Decoder after changing the weights. The invariant tests
+check Decoder.step == GPT.forward for every structure and family.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kvlab.attention.base import Linears
+from kvlab.cache import CacheError, KVCache
+from kvlab.model import GPT
+
+
+class DecodeLinears(Linears):
+    """Linears that read W^T (in, out) from a table built on first use: a contiguous copy when the output is
+    wider than the input and `relayout` is set, else a view of the parameter."""
+
+    def __init__(self, relayout: bool):
+        self.relayout = relayout
+        self.table: dict[object, tuple[torch.Tensor, torch.Tensor | None]] = {}  # layer -> (W^T, bias)
+
+    def _held(self, layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        held = self.table.get(layer)
+        if held is None:
+            w = layer.weight.detach()
+            w_t = w.t().contiguous() if self.relayout and w.shape[0] > w.shape[1] else w.t()
+            held = self.table[layer] = (w_t, layer.bias)
+        return held
+
+    def weight(self, layer) -> torch.Tensor:
+        return self._held(layer)[0].t()  # (out, in), strided as the copy
+
+    def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
+        w_t, bias = self._held(layer)
+        if x.dim() != 2:  # e.g. Context-KV's slots (B, n, d)
+            return F.linear(x, w_t.t(), bias)
+        return torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
+
+
+class Decoder:
+    """`step(token, cache)` for a kvlab GPT; any other model with GPT's cache interface (the harness's
+    SeedGPT) is stepped through its own forward."""
+
+    def __init__(self, model: nn.Module, relayout: bool | None = None, compile: bool = False):
+        self.model = model
+        self.fast = isinstance(model, GPT)
+        if not self.fast:
+            return
+        weight = model.wte.weight
+        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        # Measured on CPU float32 (MKL GEMV); GPUs and other dtypes read the parameters as they are.
+        self.relayout = cpu_fp32 if relayout is None else relayout
+        # F.gelu on a float32 CPU tensor runs oneDNN's eltwise primitive, about 9 us of setup per call
+        # whatever the size: the step turns oneDNN off (ATen's own vectorised kernel takes 2-3 us).
+        self._no_onednn = cpu_fp32 and torch.backends.mkldnn.is_available()
+        self.linear = DecodeLinears(self.relayout)
+        self._structure = model._structure_key()
+        # The first step runs eagerly (it fills the weight table, which compiled code then reads as fixed).
+        self._step = self._forward
+        self._compiled = torch.compile(self._forward, dynamic=True) if compile else None
+
+    def check(self, cache: KVCache, batch_size: int) -> None:
+        """Once per generation: the cache belongs to this model and has room (step() checks only room)."""
+        if self.fast:
+            cache.check_model(self._structure, self.model.wte.weight.device)
+        cache.check_append(batch_size, 1)
+
+    def step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """token (B, 1) -> logits (B, V) of the next position; appends the token to the cache."""
+        if cache.pos >= cache.max_len:
+            raise CacheError(f"the cache is full ({cache.max_len} tokens); create it with a larger max_len")
+        model = self.model
+        if not self.fast or model.training:  # training: dropout is live, only the forward applies it
+            return model(token, cache=cache)[:, -1]
+        if self._no_onednn:
+            onednn = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+        try:
+            logits = self._step(token.view(-1), cache.states, cache.pos)
+        finally:
+            if self._no_onednn:
+                torch._C._set_mkldnn_enabled(onednn)
+        if self._compiled is not None:
+            self._step = self._compiled
+        cache.advance(1)
+        return logits
+
+    def _forward(self, token: torch.Tensor, states: list, pos: int) -> torch.Tensor:
+        """token (B,) at position pos -> logits (B, V)."""
+        model, linear = self.model, self.linear
+        x = model.wte.weight[token]  # (B, C)
+        if model.wpe is not None:
+            x = x + model.wpe.weight[pos]
+        owners = model.owners
+        for i, block in enumerate(model.blocks):
+            a = block.attn.decode(block.ln_1(x), pos, states[owners[i]], linear)  # (B, C)
+            if block.parallel_residual:  # GPT-NeoX: attention and MLP both read x
+                x = x + a + self._mlp(block.mlp, block.ln_2(x))
+            else:
+                x = x + a
+                x = x + self._mlp(block.mlp, block.ln_2(x))
+        return linear(model.lm_head, model.ln_f(x))  # (B, V)
+
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        linear = self.linear
+        h = linear(mlp.c_fc, x)
+        h = mlp.act(linear(mlp.c_gate, x)) * h if mlp.c_gate is not None else mlp.act(h)
+        return linear(mlp.c_proj, h)
