@@ -150,6 +150,7 @@ CASES = [
     ),
     (["data", "prepare", "--root", "{root}/afile"], "afile"),
     (["data", "prepare", "--corpus", "{root}/noise.txt", "--root", "{root}/dr"], "binary file"),
+    (["data", "prepare", "--tokenizer", "banana", "--root", "{root}/dr"], "unknown tokenizer"),
     (["eval", "{root}/hello"], "must be an object of model fields"),
     # eval
     (["eval", "{root}/run", "--limit", "0"], "--limit"),

@@ -107,6 +107,8 @@ def test_oacd_resumes_across_the_phase_boundary(source):
         ("context:5", "out of range"),
         ("mla:999", "kv_rank=999 must be between"),
         ("nonsense:1", "unknown step"),
+        ("mqa:7", "mqa takes no options"),
+        ("gqa:2+none:1", "none takes no options"),
     ],
 )
 def test_bad_structures_one_line_nothing_written(source, capsys, to, words):

@@ -82,20 +82,25 @@ def _is_complete(directory: Path) -> bool:
     return (directory / "heldout.jsonl").is_file()
 
 
+def _check_tokenizer_name(name: str) -> None:
+    """One line for a tokenizer name kvlab cannot make, before any corpus is fetched or read."""
+    from kvlab.models import MODELS
+
+    if bpe_vocab_size(name) is None and name != "gpt2" and name not in MODELS and not name.startswith("hf:"):
+        raise DataError(
+            f"unknown tokenizer {name!r}; use gpt2, bpe-8k (any bpe-N, e.g. bpe-2048, bpe-16k), "
+            f"a fetchable model's name ({', '.join(sorted(MODELS))}) or hf:DIR (a model's tokenizer.json)"
+        )
+
+
 def _make_tokenizer(name: str, corpus: Corpus, root: Path) -> Tokenizer:
+    _check_tokenizer_name(name)
     vocab = bpe_vocab_size(name)
     if vocab is not None:  # trained on the train split only: val/heldout text never shapes the vocabulary
         return train_bpe((d.text for d in corpus.splits["train"]), vocab, name)
-    if name == "gpt2":
-        return load_tokenizer("gpt2", root=root)
-    from kvlab.models import MODELS  # a pretrained model's own tokenizer, so its token files fit it
-
-    if name in MODELS or name.startswith("hf:"):  # checked against the model's config.json vocab_size
-        return load_tokenizer(name, root=root)
-    raise DataError(
-        f"unknown tokenizer {name!r}; use gpt2, bpe-8k (any bpe-N, e.g. bpe-2048, bpe-16k), "
-        f"a fetchable model's name ({', '.join(sorted(MODELS))}) or hf:DIR (a model's tokenizer.json)"
-    )
+    # gpt2, or a pretrained model's own tokenizer (so its token files fit it; hf:DIR and fetchable models
+    # are checked against the model's config.json vocab_size)
+    return load_tokenizer(name, root=root)
 
 
 def _write_split(path: Path, tokenizer: Tokenizer, texts: list[str], dtype: np.dtype, progress) -> np.ndarray:
@@ -124,6 +129,7 @@ def prepare(
     out = dataset_dir(corpus, tokenizer, root)
     if not force and _is_complete(out):
         return out
+    _check_tokenizer_name(tokenizer)
     t0 = time.perf_counter()
     if verbose:
         print(f"loading corpus {corpus} ...", flush=True)
