@@ -438,6 +438,37 @@ def test_pareto_marks_the_measured_cache_bytes(tmp_path, monkeypatch):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_close_bytes_share_one_tick_and_labels_never_overlap(tmp_path, monkeypatch):
+    """743, 749.2 and 768 bytes print as one tick '743–768'; names of points at nearly the same bytes and
+    loss are placed so that no two label boxes overlap."""
+    import matplotlib.axes
+
+    from kvlab.bench.plot import plot_pareto, thin_ticks
+    from kvlab.bench.report import aggregate
+
+    ticks = thin_ticks([256, 384, 384, 743, 749.2, 768])
+    assert [label for _, label in ticks] == ["256", "384", "743–768"]
+    assert ticks[2][0] == pytest.approx(math.sqrt(743 * 768))
+    offsets = []
+    original = matplotlib.axes.Axes.annotate
+
+    def spy(self, text, xy, *args, **kwargs):
+        if text:
+            px, py = self.transData.transform(xy) * 72.0 / self.figure.dpi
+            offsets.append((text, px + kwargs["xytext"][0], py + kwargs["xytext"][1]))
+        return original(self, text, xy, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", spy)
+    close = {"control": (768, 3.746), "context-l0": (743, 3.742), "m32": (384, 3.93), "msearch": (384, 4.0)}
+    results = [_fake_result(m, "r", 1, heldout_loss=y, kv_bytes_per_token=x) for m, (x, y) in close.items()]
+    plot_pareto(aggregate(results, list(close), ["r"]), list(close), ["r"], tmp_path / "p.png", "t")
+    boxes = [(x, y, x + 6.2 * len(t), y + 11.0) for t, x, y in offsets]
+    assert sorted(t for t, *_ in offsets) == sorted(close)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
 @pytest.mark.slow
 def test_end_to_end_micro_bench(tmp_path, monkeypatch):
     """Real data -> train -> eval for 2 methods x 1 seed, a few iterations; measured == analytic bytes."""

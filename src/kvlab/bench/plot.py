@@ -24,6 +24,36 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], points[i][1]))
 
 
+def thin_ticks(values: list[float], min_ratio: float = 1.08) -> list[tuple[float, str]]:
+    """(position, label) of x ticks: values within `min_ratio` of each other (log scale) share one tick
+    labelled with their range, so bytes like 743, 749.2 and 768 do not print over each other."""
+    groups: list[list[float]] = []
+    for v in sorted(set(values)):
+        if groups and v < groups[-1][0] * min_ratio:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return [(math.sqrt(g[0] * g[-1]), f"{g[0]:g}" if len(g) == 1 else f"{g[0]:g}–{g[-1]:g}") for g in groups]
+
+
+def _label_points(ax, fig, points: list[tuple[str, float, float, bool]]) -> None:
+    """Method names beside their points, each at the first candidate offset whose text box overlaps no
+    label placed before it (points at close bytes and losses otherwise print over each other)."""
+    scale = 72.0 / fig.dpi  # display pixels -> points
+    placed: list[tuple[float, float, float, float]] = []
+    for name, x, y, on in sorted(points, key=lambda p: -p[2]):
+        px, py = (v * scale for v in ax.transData.transform((x, y)))
+        width, height = 6.2 * len(name), 11.0
+        candidates = [(8, 6), (8, -15), (-8 - width, 6), (-8 - width, -15), (8, 19), (8, -28)]
+        for dx, dy in candidates:
+            box = (px + dx, py + dy, px + dx + width, py + dy + height)
+            if not any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=10,
+                    fontweight="bold" if on else "normal", color="black")  # fmt: skip
+
+
 def pareto_regimes(suite: Suite, rows: list[dict[str, Any]]) -> list[str]:
     """Regimes with a held-out loss, the suite's pareto_regime first."""
     names = [
@@ -52,6 +82,7 @@ def plot_pareto(
     nrow = math.ceil(n / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.8 * nrow), squeeze=False)
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    labels = []  # placed once the layout is final, where positions on the page are known
     for ax, reg in zip(axes.flat, regimes):
         pts = [
             (
@@ -107,33 +138,27 @@ def plot_pareto(
                 mew=1.2,
                 zorder=3,
             )
-            # alternate label sides so points at similar x do not print over each other
-            ax.annotate(
-                m,
-                (xs[i], ys[i]),
-                xytext=(8, 8 if i % 2 == 0 else -14),
-                textcoords="offset points",
-                fontsize=10,
-                fontweight="bold" if on else "normal",
-                color="black",
-            )
         ax.set_xscale("log")
         measured_xs = [p[4]["mean"] for p in pts if p[4] is not None]
         xs = xs + measured_xs  # the axis spans both markers
-        ticks = sorted(set(xs))
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ticks = thin_ticks(xs)
+        ax.xaxis.set_major_locator(FixedLocator([t for t, _ in ticks]))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([f"{t:g}" for t in ticks], rotation=45 if len(ticks) > 5 else 0)
+        ax.set_xticklabels([label for _, label in ticks], rotation=45 if len(ticks) > 5 else 0)
         if xs:
             ax.set_xlim(min(xs) / 1.35, max(xs) * 1.6)
         ax.set_xlabel("KV bytes per token per layer (bf16, log scale) — less is better")
         ax.set_ylabel("held-out loss (nats/token) — lower is better")
         ax.set_title(reg)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(loc="upper right", fontsize=9)
+        ax.legend(loc="best", fontsize=9)
+        labels.append((ax, [(m, xs[i], ys[i], i in front) for i, (m, *_) in enumerate(pts)]))
     for ax in list(axes.flat)[len(regimes) :]:
         ax.set_visible(False)
     fig.suptitle(f"{title}: quality vs KV memory (error bars: std over seeds; bold: on the frontier)")
     fig.tight_layout()
+    for ax, points in labels:
+        ax.autoscale_view()
+        _label_points(ax, fig, points)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
