@@ -390,6 +390,9 @@ def test_report_files_from_a_bench(tmp_path, capsys):
     data = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["method"], r["regime"]): r for r in data["rows"]}
     assert len(rows) == 9 and data["seeds"] == [7, 8]
+    # the machine and commit of the report and of every cell (all made by this run here)
+    assert data["environment"]["torch"] == torch.__version__
+    assert data["cell_commits"] == [data["environment"]["git_commit"] or "unrecorded"]
     mha = rows[("mha", "train")]
     # FakeBackend: heldout = 4 + 10 / kv_bytes + 0.1 * (seed - 7): seeds 7, 8 -> mean +0.05, std 0.0707
     expected = 4.0 + 10.0 / 128 + 0.05  # mha: 2 (K, V) x 4 heads x head_dim 8 x 2 bytes = 128

@@ -14,7 +14,7 @@ from typing import Any
 
 from kvlab.bench.plot import pareto_regimes, plot_pareto
 from kvlab.bench.suites import Suite
-from kvlab.checkpoint import atomic_write, write_json
+from kvlab.checkpoint import atomic_write, environment_info, write_json
 
 # (metric key, column title, lower is better?) shown per regime in the main table, seed 000's order
 REGIME_COLUMNS = [
@@ -284,6 +284,12 @@ def write_reports(
             "seeds": list(suite.seeds),
             "rows": rows,
             "failed": failed,
+            # the report's own machine and commit; cells resumed from earlier runs keep theirs in
+            # cells/<key>/eval.json, and every commit that produced a cell is listed
+            "environment": environment_info(),
+            "cell_commits": sorted(
+                {(r.get("environment") or {}).get("git_commit") or "unrecorded" for r in results}
+            ),
         },  # fmt: skip
     )
     seeds = ", ".join(map(str, suite.seeds))

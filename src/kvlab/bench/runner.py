@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from kvlab.bench.plan import Cell, plan_cells
 from kvlab.bench.suites import Suite
-from kvlab.checkpoint import write_json
+from kvlab.checkpoint import environment_info, write_json
 from kvlab.config import ModelConfig
 from kvlab.errors import KvlabError
 
@@ -266,6 +266,7 @@ def _record(cell: Cell, out_dir: Path, metrics: dict[str, Any], eval_s: float, l
         "eval_s": eval_s,
         "metrics": metrics,
         "config": cell.config(),
+        "environment": environment_info(),  # the commit, versions and machine that produced the cell
     }
     (out_dir / "cells" / cell.key / "error.txt").unlink(missing_ok=True)  # an earlier attempt's
     write_json(out_dir / "cells" / cell.key / EVAL_FILE, record)  # last: its existence marks the cell done
