@@ -163,6 +163,37 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert config["model"]["attention"]["layers"]["1"]["k_ranks"] == expected["k"][1]
 
 
+def test_cli_from_full_searches_down_from_full_rank(tmp_path, capsys):
+    """A run saved at uniform rank 8 (of 16) is at 0.5 already: without --from-full the search starts there
+    and changes nothing; with it the search starts from full rank, as MatryoshkaKV's does after training
+    with sampled ranks, and finds the library's ranks for a full-rank start."""
+    from kvlab.attention.matryoshka import set_ranks
+
+    run, data = _run_dir(tmp_path)
+    model = load_model(run)
+    set_ranks(model, k=8, v=8)
+    save_model(tmp_path / "r8", model, {"data": {"dir": str(data), "tokenizer": "test"}})
+    argv = [
+        "search-ranks",
+        str(tmp_path / "r8"),
+        "--budget",
+        "0.5",
+        "--calib-tokens",
+        "128",
+        "--device",
+        "cpu",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "kept")]) == 0
+    assert get_ranks(load_model(tmp_path / "kept"))["k"] == [[8, 8], [8, 8]]
+    assert main([*argv, "--from-full", "--out", str(tmp_path / "full")]) == 0
+    windows = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16)[:128].astype(np.int64))
+    expected = greedy_rank_search(load_model(run), [windows.view(2, 64)], 0.5)  # saved at full rank
+    found = get_ranks(load_model(tmp_path / "full"))
+    assert found == {k: expected[k] for k in ("layers", "k", "v")}
+    assert found["k"] != [[8, 8], [8, 8]] or found["v"] != [[8, 8], [8, 8]]
+    capsys.readouterr()
+
+
 def test_cli_errors(tmp_path, capsys):
     run, _ = _run_dir(tmp_path, attention="gqa")
     assert main(["search-ranks", str(run), "--budget", "0.5", "--device", "cpu"]) == 2

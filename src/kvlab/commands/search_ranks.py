@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvlab.attention.matryoshka import matryoshka_layers, ranks_config
+from kvlab.attention.matryoshka import matryoshka_layers, ranks_config, set_ranks
 from kvlab.checkpoint import load_model, names_hf_model, read_config, save_model
 from kvlab.errors import KvlabError, check_output_path
 from kvlab.search import greedy_rank_search
@@ -127,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
             "pass the dataset the run was trained on with --data"
         )
     batches = [b.to(args.device) for b in batches]
+    if args.from_full:  # MatryoshkaKV's order: train with sampled ranks, then search down from full rank
+        head_dim = model.config.head_dim
+        set_ranks(model, k=head_dim, v=head_dim)
     result = greedy_rank_search(
         model, batches, args.budget, step=args.step, fraction=args.fraction, progress=args.progress
     )
@@ -163,5 +166,11 @@ def register(sub) -> None:
     p.add_argument("--step", type=int, default=None, help="rank step (default head_dim // 8)")
     p.add_argument("--fraction", type=float, default=0.1, help="share of candidates lowered per round")
     p.add_argument("--progress", action="store_true", help="print one line per round")
+    p.add_argument(
+        "--from-full",
+        action="store_true",
+        help="start from full rank (every head at head_dim) instead of the run's ranks: the search "
+        "MatryoshkaKV runs after training with sampled ranks (kvlab uptrain --recipe distill)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=run)
