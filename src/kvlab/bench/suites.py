@@ -326,7 +326,7 @@ def parse_suite(raw: dict[str, Any], source: str = "<suite>") -> Suite:
 def _check_data(data: dict[str, Any], fail) -> None:
     """[data] names a corpus and a tokenizer kvlab knows: caught by --dry-run, not when the bench starts."""
     from kvlab.data.corpora import CORPORA
-    from kvlab.data.tokenizers import bpe_vocab_size
+    from kvlab.data.tokenizers import known_tokenizer_name
     from kvlab.models import MODELS
 
     reject_unknown(data, {"corpus", "tokenizer"}, "data.", fail)
@@ -336,11 +336,7 @@ def _check_data(data: dict[str, Any], fail) -> None:
             f"data.corpus={corpus!r} is not a corpus: use one of {', '.join(CORPORA)} or an existing path"
         )
     tok = data.get("tokenizer", "bpe-8k")
-    known = isinstance(tok, str) and (
-        tok == "gpt2" or bpe_vocab_size(tok) is not None or tok in MODELS
-        or (tok.startswith("hf:") and Path(tok[3:]).expanduser().is_dir())
-    )  # fmt: skip
-    if not known:
+    if not known_tokenizer_name(tok):
         raise fail(
             f"data.tokenizer={tok!r} is not a tokenizer: use gpt2, bpe-N (bpe-8k, bpe-2048), a fetchable "
             f"model's name ({', '.join(sorted(MODELS))}) or hf:DIR with an existing directory"

@@ -17,7 +17,14 @@ import numpy as np
 
 from kvlab.data.corpora import SPLITS, Corpus, corpus_name, load_corpus
 from kvlab.data.fetch import DataError, data_root
-from kvlab.data.tokenizers import Tokenizer, bpe_vocab_size, load_tokenizer, tokenizer_slug, train_bpe
+from kvlab.data.tokenizers import (
+    Tokenizer,
+    bpe_vocab_size,
+    known_tokenizer_name,
+    load_tokenizer,
+    tokenizer_slug,
+    train_bpe,
+)
 from kvlab.errors import OutputError, is_disk_full, output_problem
 
 ENCODE_BATCH = 64  # documents per encode_batch call: big enough to use every core, small enough for tqdm
@@ -86,15 +93,16 @@ def _check_tokenizer_name(name: str) -> None:
     """One line for a tokenizer name kvlab cannot make, before any corpus is fetched or read."""
     from kvlab.models import MODELS
 
-    if bpe_vocab_size(name) is None and name != "gpt2" and name not in MODELS and not name.startswith("hf:"):
+    if not known_tokenizer_name(name):
         raise DataError(
             f"unknown tokenizer {name!r}; use gpt2, bpe-8k (any bpe-N, e.g. bpe-2048, bpe-16k), "
-            f"a fetchable model's name ({', '.join(sorted(MODELS))}) or hf:DIR (a model's tokenizer.json)"
+            f"a fetchable model's name ({', '.join(sorted(MODELS))}) or hf:DIR (an existing directory "
+            "holding a model's tokenizer.json)"
         )
 
 
 def _make_tokenizer(name: str, corpus: Corpus, root: Path) -> Tokenizer:
-    _check_tokenizer_name(name)
+    """The tokenizer `name` (checked by prepare before the corpus was loaded) for this corpus."""
     vocab = bpe_vocab_size(name)
     if vocab is not None:  # trained on the train split only: val/heldout text never shapes the vocabulary
         return train_bpe((d.text for d in corpus.splits["train"]), vocab, name)

@@ -179,6 +179,17 @@ def bpe_vocab_size(name: str) -> int | None:
     return int(m.group(1)) * (1024 if m.group(2) else 1) if m else None
 
 
+def known_tokenizer_name(name: object) -> bool:
+    """Whether `kvlab data prepare --tokenizer NAME` can make this tokenizer: gpt2, bpe-N, a fetchable
+    model's name or hf:DIR naming an existing directory (checked before any corpus is fetched)."""
+    from kvlab.models import MODELS
+
+    return isinstance(name, str) and (
+        name == "gpt2" or bpe_vocab_size(name) is not None or name in MODELS
+        or (name.startswith("hf:") and Path(name[3:]).expanduser().is_dir())
+    )  # fmt: skip
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, name: str | None = None) -> BPETokenizer:
     """Train a byte-level BPE of exactly vocab_size tokens (256 bytes + EOT + merges) on texts."""
     from tokenizers import Tokenizer as HFTokenizer
