@@ -18,7 +18,8 @@ RUN_COMMANDS = {"eval", "generate", "search-ranks", "export"}  # their first pos
 
 
 def _blocks() -> list[list[str]]:
-    """The kvlab command lines of each ```bash block, comments and optional [...] parts removed."""
+    """The kvlab command lines of each ```bash block, in README order, comments and optional [...] parts
+    removed."""
     blocks = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
         lines, joined = [], ""
@@ -37,11 +38,11 @@ def _blocks() -> list[list[str]]:
     return [b for b in blocks if b]
 
 
-COMMANDS = [(i, line) for i, block in enumerate(_blocks()) for line in block]
+COMMANDS = [line for block in _blocks() for line in block]
 
 
 def test_the_readme_has_commands_to_check():
-    assert len(COMMANDS) >= 25 and any(line.startswith("kvlab train") for _, line in COMMANDS)
+    assert len(COMMANDS) >= 25 and any(line.startswith("kvlab train") for line in COMMANDS)
 
 
 def _option(argv: list[str], flag: str) -> list[str]:
@@ -49,11 +50,11 @@ def _option(argv: list[str], flag: str) -> list[str]:
     if flag not in argv:
         return []
     rest = argv[argv.index(flag) + 1 :]
-    return [a for a in rest[: next((k for k, a in enumerate(rest) if a.startswith("--")), len(rest))]]
+    return rest[: next((k for k, a in enumerate(rest) if a.startswith("--")), len(rest))]
 
 
-@pytest.mark.parametrize("block, line", COMMANDS, ids=[line[:60] for _, line in COMMANDS])
-def test_readme_command_parses_and_names_what_exists(block, line):
+@pytest.mark.parametrize("line", COMMANDS, ids=[line[:60] for line in COMMANDS])
+def test_readme_command_parses_and_names_what_exists(line):
     from kvlab.bench.suites import load_suite
     from kvlab.models import MODELS
     from kvlab.retrofit.structures import parse_structure
@@ -82,7 +83,7 @@ def test_readme_uses_each_run_directory_after_making_it():
     from kvlab.models import MODELS
 
     made: set[str] = set()
-    for _, line in COMMANDS:
+    for line in COMMANDS:
         argv = shlex.split(line)[1:]
         runs = [next(a for a in argv[1:] if not a.startswith("-"))] if argv[0] in RUN_COMMANDS else []
         for run in runs + (_option(argv, "--from") if argv[0] == "uptrain" else []):

@@ -51,7 +51,7 @@ def parse_structure(spec: str) -> list[tuple[str, list[str]]]:
         if name not in STEPS:
             raise ConfigError(f"--to {spec!r}: unknown step {name!r}; structures: {USAGE}")
         args = [rest] if name == "share" else ([a for a in rest.split(":") if a] if rest else [])
-        if name in ("mqa", "none") and (args or part.strip() != name):
+        if name in ("mqa", "none") and part.strip() != name:
             raise ConfigError(f"--to {spec!r}: {name} takes no options; write {name} (gqa:N sets KV heads)")
         steps.append((name, args))
     return steps
