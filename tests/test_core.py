@@ -190,6 +190,28 @@ def test_generate_sampling_eos_and_speed():
         generate(model, prompt, 60)
 
 
+@torch.inference_mode()
+def test_ragged_generate_eos_padding_and_throughput():
+    """A row that hits EOS ends there (then pad = EOS); the others keep generating; tokens/s counts only
+    the tokens decode steps produced."""
+    model = GPT(tiny_config("gqa")).eval()
+    short, long_ = torch.randint(0, 97, (4,)), torch.randint(0, 97, (9,))
+    greedy = generate(model, [short, long_], 8)
+    alone = [generate(model, p[None], 8).tokens[0].tolist() for p in (short, long_)]
+    assert greedy.sequences() == alone and greedy.new_tokens == 8
+    eos = alone[0][4 + 2]  # the short row's third generated token
+    stopped = generate(model, [short, long_], 8, eos_token=eos)
+    cut = [row[: n + 1 + row[n:].index(eos)] if eos in row[n:] else row for row, n in zip(alone, (4, 9))]
+    assert stopped.sequences() == cut
+    assert stopped.lengths == [len(r) for r in cut]
+    width = stopped.tokens.shape[1]
+    assert stopped.tokens[0, len(cut[0]) :].tolist() == [eos] * (width - len(cut[0]))
+    # the short row's tokens 2.. came from decode steps, the long row's every token after its prompt
+    assert stopped.decoded_tokens == (len(cut[0]) - 5) + (len(cut[1]) - 9)
+    same = generate(model, [short[:3], long_[:3]], 5)  # equal lengths as a list == as a tensor
+    assert torch.equal(same.tokens, generate(model, torch.stack([short[:3], long_[:3]]), 5).tokens)
+
+
 def test_cli_generate_and_one_line_errors(tmp_path, capsys):
     model = GPT(tiny_config("mqa")).eval()
     save_model(tmp_path, model)
@@ -197,6 +219,13 @@ def test_cli_generate_and_one_line_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     expected = generate(model, torch.tensor([[1, 2, 3]]), 4).tokens[0, 3:].tolist()
     assert out.splitlines()[0] == ",".join(map(str, expected))
+    argv = ["generate", str(tmp_path), "--prompt-ids", "1,2,3", "--prompt-ids", "4", "--max-new-tokens", "4"]
+    assert main(argv) == 0  # a batch of two prompts of different lengths
+    lines = capsys.readouterr().out.splitlines()
+    rows = generate(model, [[1, 2, 3], [4]], 4).sequences()
+    ids = [",".join(map(str, rows[0][3:])), ",".join(map(str, rows[1][1:]))]
+    assert lines[:4] == ["--- [0]", ids[0], "--- [1]", ids[1]]
+    assert rows[0][3:] == expected and "batch 2" in lines[4]
     assert main(["generate", str(tmp_path), "--prompt-ids", "1,2,500"]) == 2
     assert "outside the model's vocabulary (97 tokens)" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "--prompt-ids", ",".join(["1"] * 70)]) == 2

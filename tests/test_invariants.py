@@ -144,6 +144,24 @@ def test_greedy_tokens_match_uncached(name, family):
 
 @pytest.mark.parametrize("family", FAMS)
 @pytest.mark.parametrize("name", IDS)
+@torch.inference_mode()
+def test_ragged_batch_rows_match_alone(name, family):
+    """Prompts of different lengths in one batch: each row's tokens are the ones it gets alone (the
+    shorter rows generate while the longer ones are still fed their prompts, all at one position)."""
+    model = _model(name, family)
+    V = model.config.vocab_size
+    prompts = [torch.randint(0, V, (n,)) for n in (3, 11, 7)]
+    batch = generate(model, prompts, max_new_tokens=9)
+    assert batch.lengths == [12, 20, 16] and batch.tokens.shape == (3, 20)
+    for p, row, padded in zip(prompts, batch.sequences(), batch.tokens):
+        alone = generate(model, p[None], max_new_tokens=9).tokens[0]
+        assert row == alone.tolist()
+        assert torch.equal(padded[len(row) :], torch.zeros(20 - len(row), dtype=torch.long))
+    assert batch.decoded_tokens == 3 * 9 - 1  # the shortest row's first token came from the prefill
+
+
+@pytest.mark.parametrize("family", FAMS)
+@pytest.mark.parametrize("name", IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
 def test_measured_cache_bytes_equal_analytic(name, dtype, family):

@@ -384,6 +384,15 @@ def test_adapter_rolling_and_generation(model, tokenizer):
     if stop:
         (cut,) = lm.generate_until([_Req("Answer:", {"until": [stop], "max_gen_toks": 6})])
         assert cut == full.split(stop)[0]
+    # a batch (batch_size=2) of contexts of different lengths and two option sets, in request order
+    reqs = [
+        _Req(text, {"until": [], "max_gen_toks": 5}),
+        _Req("Answer:", {"until": [], "max_gen_toks": 6}),
+        _Req("Q: why?", {"until": [], "max_gen_toks": 5}),
+        _Req("A", {"until": [], "max_gen_toks": 5}),
+    ]
+    alone = [lm.generate_until([r])[0] for r in reqs]
+    assert lm.generate_until(reqs) == alone and alone[1] == full
 
 
 def _results_file(out_dir: Path) -> dict:

@@ -1,4 +1,5 @@
-"""`kvlab generate RUN_DIR --prompt ...`: cached decoding from a saved run, with tokens/s."""
+"""`kvlab generate RUN_DIR --prompt ...`: cached decoding from a saved run, with tokens/s. Several
+`--prompt` (or `--prompt-ids`) options, of any lengths, generate as one batch."""
 
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ from kvlab.generate import generate
 from kvlab.inputs import check_device
 
 
-def _encode_prompt(args, run_dir, model):
+def _encode_prompts(args, run_dir, model) -> tuple[list[list[int]], object]:
     if args.prompt_ids is not None:
-        try:
-            return [int(t) for t in args.prompt_ids.split(",") if t.strip()], None
-        except ValueError as e:
-            raise KvlabError(
-                f"--prompt-ids {args.prompt_ids!r}: expected comma-separated token ids, e.g. 1,2,3"
-            ) from e
+        prompts = []
+        for text in args.prompt_ids:
+            try:
+                prompts.append([int(t) for t in text.split(",") if t.strip()])
+            except ValueError as e:
+                raise KvlabError(
+                    f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3"
+                ) from e
+        return prompts, None
     tokenizer = load_model_tokenizer(run_dir, model)  # one line when it does not fit the model
-    return tokenizer.encode(args.prompt), tokenizer
+    return [tokenizer.encode(text) for text in args.prompt], tokenizer
 
 
 def _check_options(args) -> None:
@@ -39,20 +43,20 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     _, source_dir = resolve_source(args.run_dir)  # a run, hf:DIR or a fetchable model: tokenizer beside it
     model = load_model(source_dir, device=args.device)
-    ids, tokenizer = _encode_prompt(args, source_dir, model)
-    if not ids:
-        raise KvlabError("the prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3")
+    prompts, tokenizer = _encode_prompts(args, source_dir, model)
     vocab = model.config.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise KvlabError(f"prompt token id {bad[0]} is outside the model's vocabulary ({vocab} tokens)")
+    for ids in prompts:
+        if not ids:
+            raise KvlabError("a prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise KvlabError(f"prompt token id {bad[0]} is outside the model's vocabulary ({vocab} tokens)")
     if args.eos_id is not None and not 0 <= args.eos_id < vocab:
         raise KvlabError(f"--eos-id {args.eos_id} is outside the model's vocabulary ({vocab} tokens)")
-    idx = torch.tensor([ids], dtype=torch.long, device=args.device)
     eos = args.eos_id if args.eos_id is not None else getattr(tokenizer, "eot_token", None)
     result = generate(
         model,
-        idx,
+        [torch.tensor(ids, dtype=torch.long, device=args.device) for ids in prompts],
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -60,11 +64,15 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         compile=args.compile,
     )
-    new = result.tokens[0, len(ids) :].tolist()
-    text = tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new))
-    print((args.prompt if tokenizer is not None else "") + text)
+    for i, (ids, row) in enumerate(zip(prompts, result.sequences())):
+        new = row[len(ids) :]
+        text = tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new))
+        if len(prompts) > 1:
+            print(f"--- [{i}]")
+        print((args.prompt[i] if tokenizer is not None else "") + text)
+    batch = f"batch {len(prompts)}, " if len(prompts) > 1 else ""
     print(
-        f"[{result.new_tokens} tokens, prefill {result.prefill_s * 1e3:.1f} ms, "
+        f"[{result.new_tokens} tokens, {batch}prefill {result.prefill_s * 1e3:.1f} ms, "
         f"decode {result.tokens_per_s:.1f} tokens/s, cache {result.cache_bytes / 1024:.1f} KiB]",
     )
     return 0
@@ -79,8 +87,14 @@ def register(sub) -> None:
     )
     p.add_argument("run_dir", help="a run directory, hf:DIR, or a fetchable model name (kvlab models list)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt", help="prompt text (encoded with the run's tokenizer)")
-    g.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        help="prompt text (encoded with the run's tokenizer); repeat it to generate several as one batch",
+    )
+    g.add_argument(
+        "--prompt-ids", action="append", help="prompt as comma-separated token ids; repeat it for a batch"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)

@@ -105,14 +105,18 @@ class KvlabLM(LM):
 
     @torch.inference_mode()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled) continuations cut at the first stop string. Requests with the same
+        generation options run batch_size at a time as one ragged batch (kvlab.generate: contexts of
+        different lengths without padding), longest contexts first; results come back in request order."""
         from kvlab.generate import generate
 
-        outputs = []
-        for req in requests:
+        outputs: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+        for i, req in enumerate(requests):
             context, kwargs = req.args
             kwargs = dict(kwargs or {})
             until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             max_gen = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
             ctx = list(self.tokenizer.encode(context)) or [self.eot_token_id]
@@ -120,19 +124,28 @@ class KvlabLM(LM):
             ctx = ctx[-max(1, self.max_length - max_gen) :]
             new = min(max_gen, self.max_length - len(ctx))
             if new < 1:
-                outputs.append("")
+                outputs[i] = ""
                 continue
-            idx = torch.tensor([ctx], dtype=torch.long, device=self._device)
-            result = generate(self.model, idx, new, temperature=temperature, eos_token=self.eot_token_id)
-            new_tokens = result.tokens[0, len(ctx) :].tolist()
-            if self.eot_token_id in new_tokens:
-                new_tokens = new_tokens[: new_tokens.index(self.eot_token_id)]
-            text = self.tokenizer.decode(new_tokens)
-            for stop in until:  # lm-eval cuts the generation at the first stop sequence
-                if stop:
-                    text = text.split(stop)[0]
-            outputs.append(text)
+            groups.setdefault((until, new, temperature), []).append((i, ctx))
+        for (until, new, temperature), items in groups.items():
+            items.sort(key=lambda item: -len(item[1]))
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                prompts = [torch.tensor(ctx, dtype=torch.long, device=self._device) for _, ctx in chunk]
+                eos = self.eot_token_id
+                result = generate(self.model, prompts, new, temperature=temperature, eos_token=eos)
+                for (i, ctx), row in zip(chunk, result.sequences()):
+                    outputs[i] = self._until(row[len(ctx) :], until)
         return outputs
+
+    def _until(self, new_tokens: list[int], until: tuple) -> str:
+        if self.eot_token_id in new_tokens:
+            new_tokens = new_tokens[: new_tokens.index(self.eot_token_id)]
+        text = self.tokenizer.decode(new_tokens)
+        for stop in until:  # lm-eval cuts the generation at the first stop sequence
+            if stop:
+                text = text.split(stop)[0]
+        return text
 
 
 if __name__ != "__main__":  # registered once, under this module's import name (not as __main__.KvlabLM)
