@@ -53,6 +53,7 @@ control = "none"
 mqa = "mqa"
 mla = "mla:24:4"
 matryoshka-half = { to = "matryoshka+search:0.5:0.5", recipe = "distill" }
+matryoshka-after = { to = "matryoshka+search:0.5:0.5", recipe = "distill", search_after = true }
 context-l0 = { to = "context:0", recipe = "oacd", phase1_iters = 4 }
 
 [regimes.train]
@@ -105,7 +106,7 @@ def test_builtin_smollm2_retrofit_suite_plans_without_fetching(capsys):
     kv = {r["method"]: r["kv_bytes_per_token"] for r in method_kv_table(suite)}
     assert kv == {
         "control": 768, "mqa": 256, "mlkv-pairs": 384, "mla": 384, "matryoshka-32": 384,
-        "matryoshka-search": 384, "context-l0": (29 * 768 + 288 * 2 / 32) / 30,  # context_dim 576 / 2
+        "matryoshka-search": 384, "matryoshka-search-after": 384, "context-l0": (29 * 768 + 288 * 2 / 32) / 30,  # context_dim 576 / 2
     }  # fmt: skip
     cells = {c.method: c for c in plan_cells(suite) if c.regime == "train"}
     assert cells["mqa"].model == {
@@ -131,6 +132,14 @@ def test_builtin_smollm2_retrofit_suite_plans_without_fetching(capsys):
         (('to = "context:0", recipe = "oacd"', 'to = "mqa", recipe = "oacd"'), "needs a context step"),
         (("phase1_iters = 4", "phase1_iters = 0"), "phase1_iters=0"),
         (('mqa = "mqa"', 'mqa = { to = "mqa", lr = 1 }'), "unknown field(s) methods.mqa.lr"),
+        (("search_after = true", 'search_after = "yes"'), "methods.matryoshka-after.search_after='yes' must"),
+        (
+            (
+                '"matryoshka+search:0.5:0.5", recipe = "distill", search',
+                '"matryoshka:4", recipe = "distill", search',
+            ),
+            "methods.matryoshka-after.search_after: --to 'matryoshka:4': searching after training needs",
+        ),
     ],
 )
 def test_retrofit_suite_errors_name_the_field(tiny_source, edit, message):
@@ -164,7 +173,7 @@ def test_retrofit_bench_end_to_end(tiny_source, monkeypatch):
         again = run_bench(suite, out, log=lambda m: None)
     finally:
         torch.set_num_threads(before)
-    assert not res.failed and res.trained == 5 and len(res.results) == 5
+    assert not res.failed and res.trained == 6 and len(res.results) == 6
     assert again.trained == 0 and again.evaluated == 0  # resume by config hash, as from scratch
 
     rows = {r["method"]: r["metrics"] for r in json.loads((out / "results.json").read_text())["rows"]}
@@ -177,7 +186,7 @@ def test_retrofit_bench_end_to_end(tiny_source, monkeypatch):
     direct = evaluate(run, heldout=["heldout"], limit=6, speed=False)
     assert mean("control", "step0.heldout_loss") == pytest.approx(direct["heldout_loss"], rel=1e-6)
     # Every reduced structure starts worse than the source, and keeps its bytes through uptraining.
-    for method in ("mqa", "mla", "matryoshka-half", "context-l0"):
+    for method in ("mqa", "mla", "matryoshka-half", "matryoshka-after", "context-l0"):
         assert mean(method, "step0.heldout_loss") > direct["heldout_loss"]
         assert mean(method, "kv_bytes_per_token") < mean("control", "kv_bytes_per_token")
     assert mean("mqa", "kv_bytes_per_token") == mean("control", "kv_bytes_per_token") / 4
@@ -187,6 +196,22 @@ def test_retrofit_bench_end_to_end(tiny_source, monkeypatch):
     step0 = load_model(out / mat["run_dir"] / "step0")
     final = load_model(out / mat["run_dir"])
     assert final.kv_metrics() == step0.kv_metrics()
+    # search_after: trained at full rank with sampled ranks, then searched from full rank into searched/,
+    # which is what the row scores; step 0 is the search at conversion (the same bytes before training)
+    after = next(c for c in res.results if c["method"] == "matryoshka-after")
+    trained = load_model(out / after["run_dir"])
+    searched = load_model(out / after["run_dir"] / "searched")
+    full = mean("control", "kv_bytes_per_token")
+    assert trained.kv_metrics()["kv_bytes_per_token"] == full
+    assert (
+        searched.kv_metrics()["kv_bytes_per_token"]
+        == mean("matryoshka-after", "kv_bytes_per_token")
+        <= full / 2
+    )
+    assert load_model(out / after["run_dir"] / "step0").kv_metrics() == step0.kv_metrics()
+    direct_after = evaluate(out / after["run_dir"] / "searched", heldout=["heldout"], limit=6, speed=False)
+    assert mean("matryoshka-after", "heldout_loss") == pytest.approx(direct_after["heldout_loss"], rel=1e-6)
     md = (out / "results.md").read_text()
     assert "heldout loss at step 0 train" in md and "matryoshka+search:0.5:0.5" in md
+    assert "matryoshka+search:0.5:0.5 after training" in md
     assert (out / "pareto.png").stat().st_size > 10_000

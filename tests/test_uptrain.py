@@ -99,6 +99,28 @@ def test_oacd_resumes_across_the_phase_boundary(source):
     assert (root / "up-oacd" / "metrics.jsonl").read_text() == first
 
 
+def test_search_after_training_is_matryoshkakv_order(source, capsys):
+    """--search-after: the structure before the search trains (full rank, sampled ranks), then the search
+    runs on the trained model from full rank into OUT/searched, which the summary scores; step 0 scores the
+    search at conversion. Without a final search step it is one line and nothing is written."""
+    to = "matryoshka+search:0.5:0.5"
+    assert _uptrain(source, "up-after", to, "--recipe", "distill", "--search-after") == 0
+    root = source[2] / "up-after"
+    summary = json.loads((root / "uptrain.json").read_text())
+    reduced = summary["reduced"]
+    assert summary["search_after"] and reduced["run_dir"] == str(root / "searched")
+    searched, trained = load_model(root / "searched"), load_model(root)
+    assert trained.kv_metrics()["kv_bytes_per_token"] == 128  # the training run stays at full rank
+    assert reduced["kv_bytes_per_token"] == searched.kv_metrics()["kv_bytes_per_token"] <= 64
+    assert reduced["final_loss"] < reduced["step0_loss"] and "trained_loss" in reduced
+    assert json.loads((root / "searched" / "config.json").read_text())["uptrain"]["searched_after_training"]
+    assert "(searched after training)" in capsys.readouterr().out
+    assert _uptrain(source, "bad-after", "matryoshka:4", "--recipe", "distill", "--search-after") == 2
+    err = capsys.readouterr().err.strip()
+    assert "searching after training needs" in err and "\n" not in err
+    assert not (source[2] / "bad-after").exists()
+
+
 @pytest.mark.parametrize(
     "to,words",
     [

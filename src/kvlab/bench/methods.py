@@ -15,7 +15,7 @@ from kvlab.errors import KvlabError
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 SOURCE_KEYS = {"from", "calibration"}  # [source]: a pretrained model the methods are converted from
-RETROFIT_KEYS = {"to", "recipe", "phase1_iters"}  # a method of a [source] suite
+RETROFIT_KEYS = {"to", "recipe", "phase1_iters", "search_after"}  # a method of a [source] suite
 FILE_KEYS = {"attention_file", "config", "time_limit", "memory_limit_gb"}  # a method given by a file
 
 
@@ -30,9 +30,13 @@ class Retrofit:
     to: str  # converter steps (kvlab.retrofit.structures): "mqa", "mla:144:16", "matryoshka+search:0.5"
     recipe: str = "ce"  # ce | distill | oacd (kvlab.retrofit.uptrain.RECIPES)
     phase1_iters: int | None = None  # oacd: ContextBlock-only steps (default max_iters / 4)
+    search_after: bool = False  # `to` ends in search:B, run after training (MatryoshkaKV's order)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"to": self.to, "recipe": self.recipe, "phase1_iters": self.phase1_iters}
+        d = {"to": self.to, "recipe": self.recipe, "phase1_iters": self.phase1_iters}
+        if self.search_after:  # only when set: the other methods' cell keys stay as they were
+            d["search_after"] = True
+        return d
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,9 @@ def parse_source(raw: dict, table, fail) -> dict[str, Any]:
 
 
 def parse_retrofit(mname: str, spec: Any, fail) -> Retrofit:
-    """A [source] suite's method: a `--to` string, or { to = "...", recipe = "...", phase1_iters = N }."""
-    from kvlab.retrofit.structures import USAGE, parse_structure
+    """A [source] suite's method: a `--to` string, or { to = "...", recipe = "...", phase1_iters = N,
+    search_after = true }."""
+    from kvlab.retrofit.structures import USAGE, parse_structure, split_final_search
     from kvlab.retrofit.uptrain import RECIPES
 
     if isinstance(spec, str):
@@ -98,7 +103,15 @@ def parse_retrofit(mname: str, spec: Any, fail) -> Retrofit:
         raise fail(f"methods.{mname}: recipe oacd trains a ContextBlock; its structure needs a context step")
     if p1 is not None and (isinstance(p1, bool) or not isinstance(p1, int) or p1 < 1):
         raise fail(f"methods.{mname}.phase1_iters={p1!r} must be a positive integer")
-    return Retrofit(to=to, recipe=recipe, phase1_iters=p1)
+    after = spec.get("search_after", False)
+    if not isinstance(after, bool):
+        raise fail(f"methods.{mname}.search_after={after!r} must be true or false")
+    if after:
+        try:
+            split_final_search(to)
+        except ConfigError as e:
+            raise fail(f"methods.{mname}.search_after: {e}") from e
+    return Retrofit(to=to, recipe=recipe, phase1_iters=p1, search_after=after)
 
 
 def parse_attention_file(mname: str, spec: dict, source: str, fail) -> AttentionFile:

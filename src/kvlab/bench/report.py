@@ -124,11 +124,13 @@ def _digits(key: str) -> int:
 
 
 def method_kind(model: dict[str, Any], attention_file: str | None = None) -> str:
-    """The kind column: the attention kind of a model trained from scratch, the `--to` of an uptrained one,
-    `file NAME` for an attention file."""
+    """The kind column: the attention kind of a model trained from scratch, the `--to` of an uptrained one
+    ("... after training" when its search ran after uptraining), `file NAME` for an attention file."""
     if attention_file is not None or "attention_file" in model:
         return f"file {Path(attention_file).name}" if attention_file else "file"
-    return model["to"] if "pretrained" in model else model["attention"]["kind"]
+    if "pretrained" in model:
+        return model["to"] + (" after training" if model.get("search_after") else "")
+    return model["attention"]["kind"]
 
 
 def kv_cell(row: dict[str, Any]) -> str:

@@ -13,6 +13,8 @@ EXAMPLES = """examples:
   kvlab uptrain --from runs/mha --to gqa:1+share:groups:2 --data DATA --out runs/up-mlkv
   kvlab uptrain --from runs/mha --to mla:64 --data DATA --out runs/up-mla
   kvlab uptrain --from runs/mha --to matryoshka:8 --recipe distill --data DATA --out runs/up-mat
+  kvlab uptrain --from runs/mha --to matryoshka+search:0.5 --recipe distill --search-after --data DATA \
+      --out runs/up-mat-search   # MatryoshkaKV's order: train with sampled ranks, then search (OUT/searched)
   kvlab uptrain --from runs/mha --to context:0 --recipe oacd --data DATA --out runs/up-ctx --phase1-iters 50
   kvlab uptrain ... --resume      # continue after a kill (also across the oacd phase boundary)
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     summary = uptrain(
         source, args.to, args.data, args.out, recipe=args.recipe, train_overrides=sets["train"],
         control=args.control, resume=args.resume, source_desc=desc, source_dir=source_dir, teacher=teacher,
-        phase1_iters=args.phase1_iters, progress=args.progress,
+        phase1_iters=args.phase1_iters, progress=args.progress, search_after=args.search_after,
     )  # fmt: skip
     print(format_table(summary))
     return 0
@@ -61,6 +63,12 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--control", action="store_true", help="also uptrain the unreduced source (OUT/control)")
     p.add_argument("--teacher", help="distill: teacher model (default: the frozen source)")
+    p.add_argument(
+        "--search-after",
+        action="store_true",
+        help="--to ends in search:B: train the structure before the search, then search the trained model "
+        "from full rank into OUT/searched (MatryoshkaKV's order); step 0 scores the search at conversion",
+    )
     p.add_argument("--phase1-iters", type=int, help="oacd: ContextBlock-only steps (default max_iters/4)")
     p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="train.* overrides")
     p.add_argument("--resume", action="store_true", help="continue an interrupted uptraining in --out")

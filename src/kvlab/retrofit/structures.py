@@ -57,6 +57,19 @@ def parse_structure(spec: str) -> list[tuple[str, list[str]]]:
     return steps
 
 
+def split_final_search(spec: str) -> tuple[str, str]:
+    """'matryoshka+search:0.5' -> ('matryoshka', 'search:0.5'): the structure trained and the search that
+    follows training (uptrain's search_after, MatryoshkaKV's order). One line when spec ends otherwise."""
+    parts = [p.strip() for p in spec.split("+")]
+    steps = parse_structure(spec)
+    if len(steps) < 2 or steps[-1][0] != "search" or any(n == "search" for n, _ in steps[:-1]):
+        raise ConfigError(
+            f"--to {spec!r}: searching after training needs a structure that ends in one search step, "
+            "e.g. matryoshka+search:0.5 (trained at the matryoshka step's ranks, then searched)"
+        )
+    return "+".join(parts[:-1]), parts[-1]
+
+
 def convert(model: GPT, spec: str, calibration: list[torch.Tensor]) -> GPT:
     """Apply the steps of `spec` to `model` (left untouched) and return the converted model."""
     for name, args in parse_structure(spec):

@@ -6,6 +6,10 @@ projections at 20x the base lr 5e-5 and undecayed); "oacd" (Context-KV: phase 1 
 ContextBlock on the OACD loss into OUT/phase1, phase 2 freezes it and trains the rest with CE into OUT).
 `control=True` also trains the unreduced source with the same data, budget, seed and recipe into
 OUT/control, so the summary separates the cost of the reduction from the effect of more training.
+`search_after=True` (a structure ending in `search:B`) is MatryoshkaKV's order: train the structure before
+the search (at its ranks, with the distill recipe's sampled ranks), then run the search from full rank on
+the trained model into OUT/searched, which is what the summary scores; step 0 scores the search applied
+at conversion, the same structure at the same bytes before training.
 
 Every check (structure, data, tokenizer, teacher) and the conversion happen before anything is written.
 """
@@ -27,7 +31,7 @@ from kvlab.config import ConfigError, TrainConfig
 from kvlab.errors import KvlabError
 from kvlab.losses import oacd_term
 from kvlab.model import GPT
-from kvlab.retrofit.structures import convert
+from kvlab.retrofit.structures import convert, split_final_search
 from kvlab.train.batches import make_batch, open_split, read_meta, sample_offsets
 from kvlab.train.checkpointing import RESUME_FILE, read_metrics
 from kvlab.train.loop import VAL_SEED_OFFSET, resolve_vocab, save_untrained, train
@@ -41,6 +45,7 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 PROJECTION_LR_SCALE = 20.0  # MatryoshkaKV: 1e-3 for the projections vs 5e-5 for the base
 SUMMARY_FILE = "uptrain.json"
+SEARCHED_DIR = "searched"  # search_after: the trained model at the ranks searched after training
 
 
 class UptrainError(KvlabError):
@@ -158,6 +163,7 @@ def uptrain(
     n_calibration: int = 4,
     progress: bool = False,
     step0_dir: str | Path | None = None,
+    search_after: bool = False,
 ) -> dict[str, Any]:
     """Convert `source` to `structure`, evaluate, train with `recipe`, evaluate; returns the summary that is
     also written to OUT/uptrain.json (source, structure, KV bytes, step-0 and final held-out losses).
@@ -174,7 +180,9 @@ def uptrain(
     val = open_split(data_dir, "val", meta, T)
     calib = calibration_batches(open_split(data_dir, "train", meta, T), cfg, T, n_calibration)
     source = source.float().eval()
-    model = convert(source, structure, calib)
+    trained_spec, search_spec = split_final_search(structure) if search_after else (structure, None)
+    model = convert(source, trained_spec, calib)
+    scored = convert(model, search_spec, calib) if search_spec else model  # step 0: at the final bytes
     if recipe == "oacd" and not context_layers(model):
         raise UptrainError(
             f"--recipe oacd trains a ContextBlock but --to {structure!r} has none; add context:0"
@@ -183,31 +191,52 @@ def uptrain(
         check_teacher(teacher, model)
     teacher = teacher or source
     if step0_dir is not None and not (Path(step0_dir) / "config.json").is_file():
-        save_untrained(step0_dir, model, cfg, data_dir)
-    runs = {"reduced": (model, out, recipe)}
+        save_untrained(step0_dir, scored, cfg, data_dir)
+    runs = {"reduced": (model, scored, out, recipe)}
     if control:
-        runs["control"] = (source, out / "control", "ce" if recipe == "oacd" else recipe)
+        runs["control"] = (source, source, out / "control", "ce" if recipe == "oacd" else recipe)
     summary: dict[str, Any] = {"source": source_desc, "structure": structure, "recipe": recipe}
-    for name, (m, run_dir, r) in runs.items():
-        step0 = heldout_loss(m, val, cfg)
+    if search_after:
+        summary["search_after"] = True
+    for name, (m, m0, run_dir, r) in runs.items():
+        step0 = heldout_loss(m0, val, cfg)
         if not math.isfinite(step0):
             raise UptrainError(f"the {name} model's step-0 loss is {step0}; the conversion is broken")
         _train_recipe(m, teacher, r, cfg, data_dir, run_dir, resume, phase1_iters, progress)
         final_model = load_model(run_dir)  # saved at the target ranks (RankSampler.before_eval)
-        summary[name] = {
-            "run_dir": str(run_dir),
-            "kv_bytes_per_token": m.kv_metrics()["kv_bytes_per_token"],
-            "step0_loss": step0,
-            "final_loss": heldout_loss(final_model, val, cfg),
-            "steps": cfg.max_iters,
-        }
         record = read_config(run_dir)
         record["uptrain"] = {"source": source_desc, "structure": structure if name == "reduced" else "none",
                              "recipe": r, "step0_loss": step0}  # fmt: skip
         write_json(run_dir / "config.json", record)
+        summary[name] = {"run_dir": str(run_dir), "kv_bytes_per_token": m0.kv_metrics()["kv_bytes_per_token"]}
+        if name == "reduced" and search_spec:
+            summary[name]["trained_loss"] = heldout_loss(final_model, val, cfg)  # before the search
+            final_model = _search_after(final_model, search_spec, calib, cfg, data_dir, out / SEARCHED_DIR)
+            summary[name].update(
+                run_dir=str(out / SEARCHED_DIR),
+                kv_bytes_per_token=final_model.kv_metrics()["kv_bytes_per_token"],
+            )
+        summary[name].update(
+            step0_loss=step0, final_loss=heldout_loss(final_model, val, cfg), steps=cfg.max_iters
+        )
     summary["source_loss"] = summary.get("control", {}).get("step0_loss") or heldout_loss(source, val, cfg)
     write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def _search_after(model: GPT, search_spec: str, calib, cfg: TrainConfig, data_dir: Path, out: Path) -> GPT:
+    """The search step on the trained model, from full rank (MatryoshkaKV: sampled ranks in training, then
+    the search), saved as a run directory `out` that `kvlab eval` scores like the training run."""
+    from kvlab.attention.matryoshka import set_ranks
+
+    head_dim = model.config.head_dim
+    set_ranks(model, k=head_dim, v=head_dim)
+    searched = convert(model.eval(), search_spec, calib)
+    save_untrained(out, searched, cfg, data_dir)
+    record = read_config(out)
+    record["uptrain"] = {"searched_after_training": search_spec, "trained_run": str(out.parent)}
+    write_json(out / "config.json", record)
+    return searched
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -216,6 +245,8 @@ def format_table(summary: dict[str, Any]) -> str:
         if name in summary:
             s = summary[name]
             label = summary["structure"] if name == "reduced" else "control (unreduced)"
+            if name == "reduced" and summary.get("search_after"):
+                label += " (searched after training)"
             rows.append(
                 (label, f"{s['kv_bytes_per_token']:.0f}", f"{s['step0_loss']:.4f}", f"{s['final_loss']:.4f}")
             )
