@@ -106,7 +106,8 @@ def test_builtin_smollm2_retrofit_suite_plans_without_fetching(capsys):
     kv = {r["method"]: r["kv_bytes_per_token"] for r in method_kv_table(suite)}
     assert kv == {
         "control": 768, "mqa": 256, "mlkv-pairs": 384, "mla": 384, "matryoshka-32": 384,
-        "matryoshka-search": 384, "matryoshka-search-after": 384, "context-l0": (29 * 768 + 288 * 2 / 32) / 30,  # context_dim 576 / 2
+        "matryoshka-search": 384, "matryoshka-search-after": 384,
+        "context-l0": (29 * 768 + 288 * 2 / 32) / 30,  # context_dim 576 / 2
     }  # fmt: skip
     cells = {c.method: c for c in plan_cells(suite) if c.regime == "train"}
     assert cells["mqa"].model == {

@@ -295,16 +295,24 @@ def test_model_families_resolve_their_defaults():
 
 
 def test_environment_records_a_commit_hash_or_none(monkeypatch):
-    """A repository without commits makes `git rev-parse HEAD` print the word HEAD: record None, not it."""
+    """A repository without commits makes `git rev-parse HEAD` print the word HEAD: record None, not it.
+    The commit is the one the process started at: a later commit does not change what it records."""
     import subprocess
 
+    from kvlab import checkpoint
     from kvlab.checkpoint import environment_info
 
-    head = environment_info()["git_commit"]
+    env = environment_info()
+    head = env["git_commit"]
     assert head is None or (len(head) == 40 and int(head, 16) >= 0)
+    assert (env["git_dirty"] is None) == (head is None)
     fake = subprocess.CompletedProcess([], 128, stdout="HEAD\n", stderr="fatal: ambiguous argument 'HEAD'")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: fake)
-    assert environment_info()["git_commit"] is None
+    assert checkpoint._git_commit() == (None, None)
+    assert environment_info()["git_commit"] == head  # read when kvlab loaded, not now
+    moved = subprocess.CompletedProcess([], 0, stdout="f" * 40 + "\n", stderr="")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: moved)
+    assert checkpoint._git_commit() == ("f" * 40, True)
 
 
 def test_a_cache_of_another_structure_is_one_line():

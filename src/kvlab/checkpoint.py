@@ -60,25 +60,40 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
-def environment_info() -> dict[str, Any]:
-    """Git commit, library versions and hardware, recorded next to every run's outputs."""
+def _git(*args: str) -> subprocess.CompletedProcess | None:
     try:
-        # --verify: in a repository without commits plain `rev-parse HEAD` prints the word "HEAD"
-        proc = subprocess.run(
-            ["git", "rev-parse", "--verify", "--quiet", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
         )
-        commit = proc.stdout.strip()
-        commit = commit if proc.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        return None
+
+
+def _git_commit() -> tuple[str | None, bool | None]:
+    """(HEAD's hash, whether tracked files differ from it), or (None, None) outside a git checkout."""
+    # --verify: in a repository without commits plain `rev-parse HEAD` prints the word "HEAD"
+    proc = _git("rev-parse", "--verify", "--quiet", "HEAD")
+    commit = proc.stdout.strip() if proc is not None and proc.returncode == 0 else ""
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return None, None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = bool(status.stdout.strip()) if status is not None and status.returncode == 0 else None
+    return commit, dirty
+
+
+# Read once, when kvlab loads: a process records the commit whose code it runs, even when HEAD moves on
+# while it works (a bench or a long training run that spans a commit).
+_COMMIT, _DIRTY = _git_commit()
+
+
+def environment_info() -> dict[str, Any]:
+    """Git commit (as of this process's start; git_dirty: tracked files had uncommitted changes), library
+    versions and hardware, recorded next to every run's outputs."""
     from kvlab import __version__
 
     info: dict[str, Any] = {
-        "git_commit": commit,
+        "git_commit": _COMMIT,
+        "git_dirty": _DIRTY,
         "kvlab": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
