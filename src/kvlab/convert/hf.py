@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from kvlab.config import ConfigError, ModelConfig
-from kvlab.convert.hf_families import GPT2, ConvertError, DeepSeekMLA, Llama, NeoX
+from kvlab.convert.hf_deepseek import DeepSeekMLA
+from kvlab.convert.hf_families import GPT2, ConvertError, Llama, NeoX
 from kvlab.convert.hf_load import NOT_WEIGHTS as _NOT_WEIGHTS
 from kvlab.convert.hf_load import importer as _importer
 from kvlab.convert.hf_load import load_hf_model, quiet_transformers

@@ -15,7 +15,17 @@ from pathlib import Path
 
 import torch
 
-from kvlab.convert.hf_families import IMPORTERS, ConvertError
+from kvlab.convert.hf_deepseek import DeepSeekMLA
+from kvlab.convert.hf_families import GPT2, ConvertError, Llama, NeoX
+
+# HF config.model_type -> the family adapter that reads it
+IMPORTERS: dict[str, type] = {
+    "gpt2": GPT2,
+    "gpt_neox": NeoX,
+    "llama": Llama,
+    "mistral": Llama,
+    "deepseek_v3": DeepSeekMLA,
+}
 
 # Tensors an HF state dict may carry that are not weights (rotary tables, causal-mask buffers).
 NOT_WEIGHTS = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", ".attention.bias",
