@@ -241,7 +241,7 @@ def test_a_tiny_bench_of_attention_files_end_to_end(files_suite, tmp_path, monke
     from kvlab.eval.tasks import evaluate_tasks
     from kvlab.harness import SeedGPT, load_attention
     from kvlab.train.batches import read_meta
-    from kvlab.train.loop import resolve_vocab
+    from kvlab.train.rundir import resolve_vocab
 
     data_dir = prepare(**suite.data)
     cfg = suite.model_config("gqa-file", suite.regimes[0])

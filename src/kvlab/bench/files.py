@@ -50,7 +50,7 @@ def file_sha256(path: str | Path) -> str:
 def substrate_config(cell: Cell, data_dir: Path) -> ModelConfig:
     """The substrate the cell trains (its model dict minus the file's part), vocabulary fitted to the data."""
     from kvlab.train.batches import read_meta
-    from kvlab.train.loop import resolve_vocab
+    from kvlab.train.rundir import resolve_vocab
 
     fields = {k: v for k, v in cell.model.items() if k != "attention_file"}
     return resolve_vocab(ModelConfig.from_dict(fields), read_meta(data_dir), fixed=False)

@@ -47,7 +47,7 @@ def train_attention_file(args, model_cfg, train_cfg, data_dir, extra) -> int:
 
     read_text(args.attention_file)  # a missing or binary file: one `kvlab: error:` line, exit 2
     from kvlab.train.batches import read_meta
-    from kvlab.train.loop import resolve_vocab
+    from kvlab.train.rundir import resolve_vocab
 
     model_cfg = resolve_vocab(model_cfg, read_meta(data_dir), fixed=False)
     limits = Limits(

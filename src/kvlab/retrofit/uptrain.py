@@ -34,7 +34,8 @@ from kvlab.model import GPT
 from kvlab.retrofit.structures import convert, split_final_search
 from kvlab.train.batches import make_batch, open_split, read_meta, sample_offsets
 from kvlab.train.checkpointing import RESUME_FILE, read_metrics
-from kvlab.train.loop import VAL_SEED_OFFSET, resolve_vocab, save_untrained, train
+from kvlab.train.loop import VAL_SEED_OFFSET, train
+from kvlab.train.rundir import resolve_vocab, save_untrained
 from kvlab.train.terms import LossTerm, default_terms, distillation_terms
 
 RECIPES = ("ce", "distill", "oacd")

@@ -26,7 +26,6 @@ from kvlab.checkpoint import (
     live_model_config,
     load_model,
     run_config,
-    save_model,
     write_json,
 )
 from kvlab.config import ModelConfig, TrainConfig
@@ -35,7 +34,6 @@ from kvlab.model import GPT
 from kvlab.train import checkpointing as ckpt
 from kvlab.train.batches import (
     VAL_SEED_OFFSET,
-    DataError,
     make_batch,
     open_split,
     rank_slices,
@@ -45,7 +43,14 @@ from kvlab.train.batches import (
 )
 from kvlab.train.distributed import DistContext, init_distributed, resolve_device
 from kvlab.train.optim import GroupRule, Trainable, configure_optimizer, lr_at, select_trainable
-from kvlab.train.rundir import check_resume_config, diverging_warning, prepare_run_dir
+from kvlab.train.rundir import (
+    _save_tokenizer,
+    check_resume_config,
+    data_record,
+    diverging_warning,
+    prepare_run_dir,
+    resolve_vocab,
+)
 from kvlab.train.terms import (
     Hook,
     LossTerm,
@@ -60,26 +65,6 @@ HOOK_SEED_OFFSET = 1
 
 class TrainingDiverged(KvlabError):
     """The loss became NaN/inf; the run stopped and its last good checkpoint is untouched."""
-
-
-def resolve_vocab(model_cfg: ModelConfig, meta: dict[str, Any], fixed: bool) -> ModelConfig:
-    """Fit the model's vocabulary to the data: the tokenizer's size padded up to a multiple of 64.
-
-    `fixed`: the weights come from elsewhere (init_from), so the vocabulary cannot change; error clearly
-    when the data's tokens do not fit it.
-    """
-    data_vocab = int(meta["vocab_size"])
-    padded = -(-data_vocab // 64) * 64
-    if data_vocab <= model_cfg.vocab_size <= padded:
-        return model_cfg
-    if fixed:
-        if data_vocab > model_cfg.vocab_size:
-            raise DataError(
-                f"the data's vocabulary ({data_vocab} tokens, meta.json) does not fit the model's "
-                f"vocab_size={model_cfg.vocab_size}; prepare the data with the model's tokenizer"
-            )
-        return model_cfg
-    return ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": padded})
 
 
 def _source_model(init_from: str | Path | nn.Module) -> nn.Module:
@@ -119,36 +104,6 @@ def _tensorboard(run_dir: Path, enabled: bool):
     except ImportError:  # optional: JSON lines are the record
         return None
     return SummaryWriter(str(run_dir / "tb"))
-
-
-def _save_tokenizer(data_dir: Path, run_dir: Path) -> None:
-    """Copy the dataset's tokenizer next to the weights, so `kvlab generate RUN_DIR` needs nothing else."""
-    try:
-        from kvlab.data import load_tokenizer
-    except ImportError:
-        return
-    try:
-        load_tokenizer(data_dir).save(run_dir)
-    except (KvlabError, FileNotFoundError):  # the dataset has no tokenizer files: token ids only
-        pass
-
-
-def data_record(data_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """The "data" section of a run's config.json: where its tokens are and what meta.json says of them."""
-    fields = {k: v for k, v in meta.items() if not isinstance(v, dict)}
-    return {"dir": str(Path(data_dir).resolve()), **fields}
-
-
-def save_untrained(run_dir: str | Path, model: nn.Module, cfg: TrainConfig, data_dir: str | Path) -> Path:
-    """`model` as a run directory before any training step (uptraining's step 0): its weights, the tokenizer
-    and a config.json whose train and data sections are those a run of `cfg` on `data_dir` records, so
-    `kvlab eval` scores it exactly as it scores the trained run (the same val batches, context, corpora)."""
-    run_dir, data_dir = Path(run_dir), Path(data_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _save_tokenizer(data_dir, run_dir)
-    extra = {"train": cfg.to_dict(), "data": data_record(data_dir, read_meta(data_dir))}
-    save_model(run_dir, model, extra=extra)  # config.json last: its presence marks the directory complete
-    return run_dir
 
 
 def train(

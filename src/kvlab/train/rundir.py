@@ -3,7 +3,9 @@
 `prepare_run_dir` makes --out usable or says in one line why not (a file in the way, no permission, a
 finished run that would be overwritten), and removes what a killed run left half written.
 `check_resume_config` keeps a resumed run true to its config.json: a changed field is named, and only
-taken with `allow_changes`. `diverging_warning` says so when the loss climbs far above chance.
+taken with `allow_changes`. `diverging_warning` says so when the loss climbs far above chance. What a run
+directory records of its data (`data_record`, the tokenizer beside the weights, the vocabulary fitted to
+the data: `resolve_vocab`), and `save_untrained` (a model as a run directory before any step).
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kvlab.checkpoint import CONFIG_FILE, CheckpointError, read_config
+import torch.nn as nn
+
+from kvlab.checkpoint import CONFIG_FILE, CheckpointError, read_config, save_model
+from kvlab.config import ModelConfig, TrainConfig
 from kvlab.errors import KvlabError, OutputError, output_problem
 from kvlab.train import checkpointing as ckpt
+from kvlab.train.batches import DataError, read_meta
 
 # Train fields that may differ on resume without changing what the run computes.
 RESUME_FREE_FIELDS = {"device", "compile", "tensorboard", "log_interval"}
@@ -121,3 +127,53 @@ def diverging_warning(val_loss: float, vocab_size: int, step: int, lr: float) ->
         f"kvlab: warning: val_loss {val_loss:.4g} at step {step} is above 2 x ln(vocab) = {limit:.2f} "
         f"(twice the loss of uniform guessing): training is diverging; lower train.lr (now {lr:g})"
     )
+
+
+def resolve_vocab(model_cfg: ModelConfig, meta: dict[str, Any], fixed: bool) -> ModelConfig:
+    """Fit the model's vocabulary to the data: the tokenizer's size padded up to a multiple of 64.
+
+    `fixed`: the weights come from elsewhere (init_from), so the vocabulary cannot change; error clearly
+    when the data's tokens do not fit it.
+    """
+    data_vocab = int(meta["vocab_size"])
+    padded = -(-data_vocab // 64) * 64
+    if data_vocab <= model_cfg.vocab_size <= padded:
+        return model_cfg
+    if fixed:
+        if data_vocab > model_cfg.vocab_size:
+            raise DataError(
+                f"the data's vocabulary ({data_vocab} tokens, meta.json) does not fit the model's "
+                f"vocab_size={model_cfg.vocab_size}; prepare the data with the model's tokenizer"
+            )
+        return model_cfg
+    return ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": padded})
+
+
+def _save_tokenizer(data_dir: Path, run_dir: Path) -> None:
+    """Copy the dataset's tokenizer next to the weights, so `kvlab generate RUN_DIR` needs nothing else."""
+    try:
+        from kvlab.data import load_tokenizer
+    except ImportError:
+        return
+    try:
+        load_tokenizer(data_dir).save(run_dir)
+    except (KvlabError, FileNotFoundError):  # the dataset has no tokenizer files: token ids only
+        pass
+
+
+def data_record(data_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The "data" section of a run's config.json: where its tokens are and what meta.json says of them."""
+    fields = {k: v for k, v in meta.items() if not isinstance(v, dict)}
+    return {"dir": str(Path(data_dir).resolve()), **fields}
+
+
+def save_untrained(run_dir: str | Path, model: nn.Module, cfg: TrainConfig, data_dir: str | Path) -> Path:
+    """`model` as a run directory before any training step (uptraining's step 0): its weights, the tokenizer
+    and a config.json whose train and data sections are those a run of `cfg` on `data_dir` records, so
+    `kvlab eval` scores it exactly as it scores the trained run (the same val batches, context, corpora)."""
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(data_dir, run_dir)
+    extra = {"train": cfg.to_dict(), "data": data_record(data_dir, read_meta(data_dir))}
+    save_model(run_dir, model, extra=extra)  # config.json last: its presence marks the directory complete
+    return run_dir
