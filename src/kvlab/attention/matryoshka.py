@@ -113,6 +113,12 @@ class MatryoshkaAttention(GroupedAttention):
     # ---- projections ----------------------------------------------------------------------------
     def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """U_k, U_v: (H_kv, D, D) orthogonal, columns ordered by importance (rank r keeps the first r)."""
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            # A compiled decode step (kvlab.decode) reads what its eager first step cached, or solves in
+            # the graph: the cache key below (data_ptr, version counters, is_inference) cannot be traced,
+            # and the Decoder's weights are fixed while it runs.
+            cached = self._bases_cache
+            return cached[1] if cached is not None else self._compute_bases()
         tensors = (self.k_base, self.v_base, self.k_skew, self.v_skew)
         # Training rebuilds so gradients reach skew; so do parameters made under inference_mode, which
         # have no version counter to tell us they changed.

@@ -266,8 +266,10 @@ class LatentAttention(KVStructure):
             c_kv, k_rope = linear(self.kv_a, x).split([r, rd], dim=-1)  # (B, r), (B, rd)
             if self.kv_norm is not None:
                 c_kv = _rms_norm(self.kv_norm, c_kv)
-            buf[:, pos, :r].copy_(c_kv)
-            buf[:, pos, r:].copy_(self._rope(k_rope.view(B, 1, rd), pos).view(B, rd))  # post-RoPE
+            # slices, not buf[:, pos]: an integer index makes torch.compile specialise on pos (a recompile
+            # per step); a slice keeps pos symbolic
+            buf[:, pos : pos + 1, :r].copy_(c_kv[:, None])
+            buf[:, pos : pos + 1, r:].copy_(self._rope(k_rope.view(B, 1, rd), pos))  # post-RoPE
         if self.q_rank:
             q = linear(self.q_b, _rms_norm(self.q_norm, linear(self.q_a, x)))
         else:
