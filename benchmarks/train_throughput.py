@@ -96,19 +96,24 @@ class NanoGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def make_step(model: torch.nn.Module, kind: str, device: torch.device, autocast, amp_dtype: str):
+def make_step(
+    model: torch.nn.Module, kind: str, device: torch.device, autocast, amp_dtype: str, compile: bool = False
+):
     """One training step of `model`: kind "kvlab" (kvlab.train's loss), "kvlab-logits" (kvlab's model
-    through logits + F.cross_entropy, its step before the fused loss), "hf" or "nanogpt" (logits + CE)."""
+    through logits + F.cross_entropy, its step before the fused loss), "hf" or "nanogpt" (logits + CE).
+    compile: the forward runs through torch.compile(model), as kvlab's train.compile and nanoGPT's
+    compile=True do (the loss, backward and optimizer stay eager)."""
     optimizer = configure_optimizer(model, TrainConfig(), device.type)
+    forward = torch.compile(model) if compile else model
     terms = default_terms()
     fused = kind == "kvlab" and fused_cross_entropy_applies(terms, model, device, amp_dtype)
 
     def step(x, y):
         with autocast():
             if kind.startswith("kvlab"):
-                loss = micro_batch_loss(model, model, terms, x, y, fused)
+                loss = micro_batch_loss(forward, model, terms, x, y, fused)
             else:
-                logits = model(x).logits if kind == "hf" else model(x)
+                logits = forward(x).logits if kind == "hf" else forward(x)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -144,6 +149,10 @@ def main() -> None:
         "--clock", choices=["auto", "wall", "cpu"], default="auto",
         help="cpu: process CPU seconds (needs 1 CPU thread); auto: cpu at 1 CPU thread, else wall",
     )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true",
+        help="every model's forward through torch.compile (the issue's GPU target: bf16 + compile)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="JSON path (default results/train_throughput_<dev>_<commit>)")
     args = p.parse_args()
 
@@ -172,18 +181,30 @@ def main() -> None:
             print(f"skip {name}: {e}")
             continue
         model = GPT(cfg).to(device).train()
-        models[name] = (model, make_step(model, "kvlab", device, autocast, amp_dtype), model.kv_metrics())
+        models[name] = (
+            model,
+            make_step(model, "kvlab", device, autocast, amp_dtype, args.compile),
+            model.kv_metrics(),
+        )
         if name == "mha" and args.logits_row:
             twin = GPT(cfg).to(device).train()
-            models["mha, logits + CE"] = (twin, make_step(twin, "kvlab-logits", device, autocast, amp_dtype),
-                                          twin.kv_metrics())  # fmt: skip
+            twin_step = make_step(twin, "kvlab-logits", device, autocast, amp_dtype, args.compile)
+            models["mha, logits + CE"] = (twin, twin_step, twin.kv_metrics())
     cfg = ModelConfig.preset(args.preset, attention="mha", **overrides)
     if not args.no_nanogpt:
         nano = NanoGPT(cfg).to(device).train()
-        models["nanoGPT"] = (nano, make_step(nano, "nanogpt", device, autocast, amp_dtype), None)
+        models["nanoGPT"] = (
+            nano,
+            make_step(nano, "nanogpt", device, autocast, amp_dtype, args.compile),
+            None,
+        )
     if not args.no_hf:
         hf = hf_gpt2(cfg).to(device).train()
-        models["HF GPT2LMHeadModel"] = (hf, make_step(hf, "hf", device, autocast, amp_dtype), None)
+        models["HF GPT2LMHeadModel"] = (
+            hf,
+            make_step(hf, "hf", device, autocast, amp_dtype, args.compile),
+            None,
+        )
 
     T = cfg.block_size
     xy = torch.randint(0, args.vocab_size, (args.batch_size, T + 1), device=device)
@@ -223,6 +244,7 @@ def main() -> None:
         f"tokens, vocab {args.vocab_size}, {device.type}"
         + (f", {args.threads} thread(s)" if device.type == "cpu" else "")
         + f", {clock_name} clock, median of {args.rounds} rounds x {args.steps} steps"
+        + (", compiled" if args.compile else ", eager")
     )
     print(f"{'model':<20} {'params (M)':>10} {'KV B/tok':>9} {'ms/step':>9} {'tokens/s':>9} {'vs mha':>7} "
           f"{'vs nanoGPT':>10} {'vs HF':>6}")  # fmt: skip

@@ -309,6 +309,10 @@ def test_environment_records_a_commit_hash_or_none(monkeypatch):
     fake = subprocess.CompletedProcess([], 128, stdout="HEAD\n", stderr="fatal: ambiguous argument 'HEAD'")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: fake)
     assert checkpoint._git_commit() == (None, None)
+    monkeypatch.setenv("KVLAB_GIT_COMMIT", "A" * 40)  # a copy of the tree without .git names its commit
+    assert checkpoint._git_commit() == ("a" * 40, None)
+    monkeypatch.setenv("KVLAB_GIT_COMMIT", "HEAD")
+    assert checkpoint._git_commit() == (None, None)
     assert environment_info()["git_commit"] == head  # read when kvlab loaded, not now
     moved = subprocess.CompletedProcess([], 0, stdout="f" * 40 + "\n", stderr="")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: moved)

@@ -10,6 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvlab import GPT, ModelConfig
+from kvlab.decode import Decoder
 from kvlab.generate import decode_one_token, generate
 
 from conftest import VARIANTS, tiny_config
@@ -33,6 +34,30 @@ def test_bf16_cached_decode_matches_full_forward_on_gpu(name):
     torch.testing.assert_close(cached, full, rtol=0.05, atol=0.05)
     assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.95
     assert cache.nbytes() == model.kv_cache_bytes(2, 40, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", IDS)
+@torch.inference_mode()
+def test_bf16_decoder_fast_path_matches_full_forward_on_gpu(name):
+    """kvlab.decode's fast path (what generate runs) on the GPU layouts, in bf16, against the full forward;
+    and a ragged batch: each row starts with the token it gets alone (later tokens may part at bf16 ties)."""
+    model = GPT(tiny_config(VARIANTS[name])).cuda().to(torch.bfloat16).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 40), device="cuda")
+    full = model(idx).float()
+    cache = model.new_cache(batch_size=2, max_len=40, dtype=torch.bfloat16)
+    decoder = Decoder(model)
+    decoder.check(cache, 2)
+    steps = [model(idx[:, :17], cache=cache)]
+    steps += [decoder.step(idx[:, t : t + 1], cache)[:, None] for t in range(17, 40)]
+    cached = torch.cat(steps, dim=1).float()
+    torch.testing.assert_close(cached, full, rtol=0.05, atol=0.05)
+    assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.95
+    prompts = [idx[0, :5], idx[1, :13]]
+    rows = generate(model, prompts, 8).sequences()
+    alone = [generate(model, p[None], 8).tokens[0].tolist() for p in prompts]
+    assert [len(r) for r in rows] == [13, 21]
+    firsts = [len(p) + 1 for p in prompts]  # prompt + first generated token
+    assert [r[:n] for r, n in zip(rows, firsts)] == [a[:n] for a, n in zip(alone, firsts)]
 
 
 @torch.inference_mode()

@@ -70,12 +70,14 @@ def _git(*args: str) -> subprocess.CompletedProcess | None:
 
 
 def _git_commit() -> tuple[str | None, bool | None]:
-    """(HEAD's hash, whether tracked files differ from it), or (None, None) outside a git checkout."""
+    """(HEAD's hash, whether tracked files differ from it), or (None, None) outside a git checkout. A copy
+    of the tree without its .git (a lent GPU machine) may name its commit in KVLAB_GIT_COMMIT instead."""
     # --verify: in a repository without commits plain `rev-parse HEAD` prints the word "HEAD"
     proc = _git("rev-parse", "--verify", "--quiet", "HEAD")
     commit = proc.stdout.strip() if proc is not None and proc.returncode == 0 else ""
     if not re.fullmatch(r"[0-9a-f]{40}", commit):
-        return None, None
+        named = os.environ.get("KVLAB_GIT_COMMIT", "").strip().lower()
+        return (named, None) if re.fullmatch(r"[0-9a-f]{40}", named) else (None, None)
     status = _git("status", "--porcelain", "--untracked-files=no")
     dirty = bool(status.stdout.strip()) if status is not None and status.returncode == 0 else None
     return commit, dirty

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 11's GPU measurements in one prepared run, for a lent device (one call, at most 9 minutes):
+#
+#   run (device tool), from the repository root:
+#     KVLAB_GIT_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_check.sh
+#
+# The device gets a copy of the working tree without .git, so the commit the JSON records comes from
+# KVLAB_GIT_COMMIT (kvlab.checkpoint.environment_info). It uses the machine's own python3 (PyTorch,
+# transformers, pytest, safetensors, tiktoken: nothing to install) with PYTHONPATH=src. Everything lands
+# in $OUT (the device tool's return folder; else benchmarks/results): the GPU tests' log and one JSON per
+# benchmark. Each step has its own time limit so one slow step cannot eat the others' share; a step that
+# fails or runs out of time is reported and the rest still run.
+#
+#   1. pytest -m gpu: bf16 cached decoding (GPT.forward and the Decoder fast path, every structure), ragged
+#      batches, flash SDPA, a compiled decode step
+#   2. gpt2-124m cached decode, batch 1 and 64 at context 896 (+ the timed steps: 1024 positions), compiled
+#      step                                                                    (target: >= 2,000 tok/s at b1)
+#   3. roofline at batch 64, gpt2-124m shape, compiled: mha / gqa / mla          (>= 60% of HBM; MLA >= GQA)
+#   4. training tokens/s, gpt2-124m, bf16 autocast + compile, against nanoGPT's model compiled the same
+#      way                                   (>= 500k tok/s, >= 1.2x nanoGPT; MLA, Matryoshka >= 0.8x MHA,
+#                                             Context-KV >= 0.7x)
+set -uo pipefail
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-benchmarks/results}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+tag="$(printf '%s' "${KVLAB_GIT_COMMIT:-nocommit}" | cut -c1-7)"
+
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, report how it ended
+  local limit=$1 name=$2
+  shift 2
+  echo "== [$name] $* (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  echo "== [$name] exit $rc after $((SECONDS - t0))s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+
+step 120 tests "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+step 110 decode "$PY" benchmarks/decode_speed.py --shapes gpt2-124m --structures mha gqa mla \
+  --batch-sizes 1 64 --contexts 896 --new-tokens 64 --no-nocache --compile \
+  --out "$OUT/decode_speed_gpu_$tag.json"
+step 140 roofline "$PY" benchmarks/decode_roofline.py --structures mha gqa mla --batch-size 64 \
+  --contexts 1024 --n-layer 12 --n-embd 768 --n-head 12 --vocab-size 50304 --steps 16 --rounds 3 \
+  --compile --tag "_gpu_b64_$tag" --out-dir "$OUT"
+step 170 train "$PY" benchmarks/train_throughput.py --preset gpt2-124m --vocab-size 50304 \
+  --structures mha mla matryoshka-32 context-32 --batch-size 16 --rounds 3 --steps 5 --no-hf \
+  --no-logits-row --compile --out "$OUT/train_throughput_gpu_$tag.json"
+ls -l "$OUT"
