@@ -443,7 +443,8 @@ def test_pareto_marks_the_measured_cache_bytes(tmp_path, monkeypatch):
 
 def test_close_bytes_share_one_tick_and_labels_never_overlap(tmp_path, monkeypatch):
     """743, 749.2 and 768 bytes print as one tick '743–768'; names of points at nearly the same bytes and
-    loss are placed so that no two label boxes overlap."""
+    loss are placed so that no two label boxes overlap, and a name pushed off its first place gets a line
+    back to its point."""
     import matplotlib.axes
 
     from kvlab.bench.plot import plot_pareto, thin_ticks
@@ -452,13 +453,14 @@ def test_close_bytes_share_one_tick_and_labels_never_overlap(tmp_path, monkeypat
     ticks = thin_ticks([256, 384, 384, 743, 749.2, 768])
     assert [label for _, label in ticks] == ["256", "384", "743–768"]
     assert ticks[2][0] == pytest.approx(math.sqrt(743 * 768))
-    offsets = []
+    offsets, leaders = [], {}
     original = matplotlib.axes.Axes.annotate
 
     def spy(self, text, xy, *args, **kwargs):
         if text:
             px, py = self.transData.transform(xy) * 72.0 / self.figure.dpi
             offsets.append((text, px + kwargs["xytext"][0], py + kwargs["xytext"][1]))
+            leaders[text] = (kwargs["xytext"], kwargs.get("arrowprops"))
         return original(self, text, xy, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "annotate", spy)
@@ -470,6 +472,9 @@ def test_close_bytes_share_one_tick_and_labels_never_overlap(tmp_path, monkeypat
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
             assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    moved = [t for t, (xytext, _) in leaders.items() if tuple(xytext) != (8, 6)]
+    assert moved and all(leaders[t][1] is not None for t in moved)  # the moved ones point back
+    assert all(arrow is None for xytext, arrow in leaders.values() if tuple(xytext) == (8, 6))
 
 
 @pytest.mark.slow

@@ -36,9 +36,10 @@ def thin_ticks(values: list[float], min_ratio: float = 1.08) -> list[tuple[float
     return [(math.sqrt(g[0] * g[-1]), f"{g[0]:g}" if len(g) == 1 else f"{g[0]:g}–{g[-1]:g}") for g in groups]
 
 
-def _label_points(ax, fig, points: list[tuple[str, float, float, bool]]) -> None:
+def _label_points(ax, fig, points: list[tuple[str, float, float, bool]], colors: dict | None = None) -> None:
     """Method names beside their points, each at the first candidate offset whose text box overlaps no
-    label placed before it (points at close bytes and losses otherwise print over each other)."""
+    label placed before it (points at close bytes and losses otherwise print over each other). A label
+    pushed off its first place gets a thin line in its method's colour back to its point."""
     scale = 72.0 / fig.dpi  # display pixels -> points
     placed: list[tuple[float, float, float, float]] = []
     for name, x, y, on in sorted(points, key=lambda p: -p[2]):
@@ -50,8 +51,12 @@ def _label_points(ax, fig, points: list[tuple[str, float, float, bool]]) -> None
             if not any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in placed):
                 break
         placed.append(box)
+        leader = None
+        if (dx, dy) != candidates[0]:
+            color = (colors or {}).get(name, "0.4")
+            leader = dict(arrowstyle="-", color=color, lw=0.8, alpha=0.8, shrinkA=1, shrinkB=5)
         ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=10,
-                    fontweight="bold" if on else "normal", color="black")  # fmt: skip
+                    fontweight="bold" if on else "normal", color="black", arrowprops=leader)  # fmt: skip
 
 
 def pareto_regimes(suite: Suite, rows: list[dict[str, Any]]) -> list[str]:
@@ -159,6 +164,6 @@ def plot_pareto(
     fig.tight_layout()
     for ax, points in labels:
         ax.autoscale_view()
-        _label_points(ax, fig, points)
+        _label_points(ax, fig, points, colors)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
