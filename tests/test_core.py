@@ -212,6 +212,29 @@ def test_ragged_generate_eos_padding_and_throughput():
     assert torch.equal(same.tokens, generate(model, torch.stack([short[:3], long_[:3]]), 5).tokens)
 
 
+@torch.inference_mode()
+def test_short_generations_skip_the_weight_copies(monkeypatch):
+    """The Decoder's (in, out) weight copies pay for themselves only over enough steps: generate asks for
+    them (relayout=None: the device's default) from RELAYOUT_MIN_STEPS decode steps on, not below."""
+    import kvlab.generate as gen
+
+    asked = []
+
+    class Recording(gen.Decoder):
+        def __init__(self, model, relayout=None, compile=False):
+            asked.append(relayout)
+            super().__init__(model, relayout=relayout, compile=compile)
+
+    monkeypatch.setattr(gen, "Decoder", Recording)
+    model = GPT(tiny_config("gqa")).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    short = generate(model, prompt, 4).tokens
+    long_ = generate(model, prompt, gen.RELAYOUT_MIN_STEPS + 1).tokens
+    generate(model, [prompt[0], torch.randint(0, 97, (30,))], 4)  # 25 tail steps + 3: copies made
+    assert asked == [False, None, None]
+    assert torch.equal(long_[:, :9], short)  # the same tokens either way
+
+
 def test_cli_generate_and_one_line_errors(tmp_path, capsys):
     model = GPT(tiny_config("mqa")).eval()
     save_model(tmp_path, model)

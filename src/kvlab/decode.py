@@ -8,7 +8,9 @@ one read of the cache, so the weights are read in the layout that streams fastes
 every Linear whose output is wider than its input (the LM head, the MLP up-projection, K/V projections)
 from an (in, out) contiguous copy, which MKL's GEMV reads 1.3-2.2x faster than the (out, in) parameter
 with its short rows (benchmarks/README.md, "What changed"). The copies live as long as the Decoder, about
-the size of those weights again; build a new Decoder after changing the weights. The invariant tests
+the size of those weights again; build a new Decoder after changing the weights. Making them costs about
+as much as 14-18 steps save (a transposing copy runs at ~1 GB/s), so `generate` skips them for short
+generations (kvlab.generate.RELAYOUT_MIN_STEPS). The invariant tests
 check Decoder.step == GPT.forward for every structure and family.
 """
 
