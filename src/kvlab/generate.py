@@ -182,7 +182,6 @@ def generate(
     decoder = Decoder(model, compile=compile, relayout=None if steps >= RELAYOUT_MIN_STEPS else False)
     prompt_len = torch.tensor(lengths, device=idx.device)
     ends = prompt_len + max_new_tokens  # per row: where its tokens end (earlier at EOS)
-    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     out = [idx[:, :first]]
     _sync(idx.device)
     t0 = time.perf_counter()
@@ -195,10 +194,10 @@ def generate(
         if pos < T:  # rows still inside their prompt take its next token instead
             tok = torch.where((prompt_len <= pos)[:, None], tok, idx[:, pos : pos + 1])
         if eos_token is not None:
-            tok = torch.where(finished[:, None], torch.full_like(tok, eos_token), tok)  # finished: EOS
-            stops = (tok.squeeze(1) == eos_token) & (prompt_len <= pos) & ~finished
-            ends = torch.where(stops, torch.full_like(ends, pos + 1), ends)
-            finished |= stops
+            ended = ends <= pos  # at EOS, or at its length (what such a row emits now is padding)
+            tok = tok.masked_fill(ended[:, None], eos_token)  # an ended row repeats EOS
+            stops = (tok.squeeze(1) == eos_token) & (prompt_len <= pos) & ~ended
+            ends = ends.masked_fill(stops, pos + 1)
         out.append(tok)
         pos += 1
         if pos == T + max_new_tokens:

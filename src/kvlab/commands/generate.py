@@ -45,12 +45,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(source_dir, device=args.device)
     prompts, tokenizer = _encode_prompts(args, source_dir, model)
     vocab = model.config.vocab_size
-    for ids in prompts:
-        if not ids:
-            raise KvlabError("a prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise KvlabError(f"prompt token id {bad[0]} is outside the model's vocabulary ({vocab} tokens)")
+    if not all(prompts):  # ids outside the vocabulary: generate's own one-line check
+        raise KvlabError("a prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3")
     if args.eos_id is not None and not 0 <= args.eos_id < vocab:
         raise KvlabError(f"--eos-id {args.eos_id} is outside the model's vocabulary ({vocab} tokens)")
     eos = args.eos_id if args.eos_id is not None else getattr(tokenizer, "eot_token", None)
