@@ -23,6 +23,12 @@ class SuiteError(KvlabError):
     """A suite file that cannot be used; the message names the file, the field and the fix."""
 
 
+def retrofit_kind(spec: dict[str, Any]) -> str:
+    """The kind column of an uptrained method: its `--to`, "... after training" when its search ran after
+    uptraining (`spec`: Retrofit.to_dict(), as a cell's model dict holds it)."""
+    return spec["to"] + (" after training" if spec.get("search_after") else "")
+
+
 @dataclass(frozen=True)
 class Retrofit:
     """A method of a suite with a [source]: `kvlab uptrain --to TO --recipe RECIPE` from that model."""
@@ -31,6 +37,10 @@ class Retrofit:
     recipe: str = "ce"  # ce | distill | oacd (kvlab.retrofit.uptrain.RECIPES)
     phase1_iters: int | None = None  # oacd: ContextBlock-only steps (default max_iters / 4)
     search_after: bool = False  # `to` ends in search:B, run after training (MatryoshkaKV's order)
+
+    @property
+    def kind(self) -> str:
+        return retrofit_kind(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         d = {"to": self.to, "recipe": self.recipe, "phase1_iters": self.phase1_iters}

@@ -193,8 +193,7 @@ def _retrofit_kv_row(suite: Suite, method: str, retro, proxy: GPT, calib) -> dic
     if budget is not None:  # searched to at most budget x the full-rank bytes (mean rank likewise)
         for key in ("kv_bytes_per_token", "kv_bytes_per_token_total", "latent_rank_ratio"):
             kv[key] *= budget
-    kind = retro.to + (" after training" if retro.search_after else "")
-    return {"method": method, "kind": kind, "recipe": retro.recipe, **kv}
+    return {"method": method, "kind": retro.kind, "recipe": retro.recipe, **kv}
 
 
 def _fmt_tokens(n: int) -> str:

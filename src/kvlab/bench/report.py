@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kvlab.bench.methods import retrofit_kind
 from kvlab.bench.plot import pareto_regimes, plot_pareto
 from kvlab.bench.suites import Suite
 from kvlab.checkpoint import atomic_write, environment_info, write_json
@@ -129,7 +130,7 @@ def method_kind(model: dict[str, Any], attention_file: str | None = None) -> str
     if attention_file is not None or "attention_file" in model:
         return f"file {Path(attention_file).name}" if attention_file else "file"
     if "pretrained" in model:
-        return model["to"] + (" after training" if model.get("search_after") else "")
+        return retrofit_kind(model)
     return model["attention"]["kind"]
 
 

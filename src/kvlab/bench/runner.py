@@ -27,7 +27,6 @@ from kvlab.errors import KvlabError
 TRAIN_DONE = "bench_train.json"  # written into a run dir once training returned
 EVAL_FILE = "eval.json"
 STEP0_DIR = "step0"  # in an uptraining run: the converted model before its first step
-SEARCHED_DIR = "searched"  # ... with search_after: the trained model at the ranks searched after training
 STEP0_KEYS = ("val_loss", "heldout_loss", "heldout_losses", "tasks")  # what a cell keeps of step 0
 
 
@@ -237,7 +236,11 @@ def _evaluate_cell(cell: Cell, out_dir: Path, backend: Backend, data_dir: Path, 
         write_json(run_dir / TRAIN_DONE, {"train_s": train_s, **cell.config()})
         log(f"    trained in {train_s:.1f}s -> runs/{cell.train_key}")
     t0 = time.perf_counter()
-    scored = run_dir / SEARCHED_DIR if cell.model.get("search_after") else run_dir
+    scored = run_dir
+    if cell.model.get("search_after"):  # the trained model at the ranks searched after training
+        from kvlab.retrofit.uptrain import SEARCHED_DIR
+
+        scored = run_dir / SEARCHED_DIR
     metrics = backend.evaluate(scored, cell.heldout, data_dir, **cell.eval)
     if "pretrained" in cell.model:  # the same evaluation of the converted model before uptraining
         step0 = backend.evaluate(run_dir / STEP0_DIR, cell.heldout, data_dir, **cell.eval)

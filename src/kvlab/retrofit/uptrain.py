@@ -209,17 +209,19 @@ def uptrain(
         record["uptrain"] = {"source": source_desc, "structure": structure if name == "reduced" else "none",
                              "recipe": r, "step0_loss": step0}  # fmt: skip
         write_json(run_dir / "config.json", record)
-        summary[name] = {"run_dir": str(run_dir), "kv_bytes_per_token": m0.kv_metrics()["kv_bytes_per_token"]}
+        scored_dir, before_search = run_dir, {}
         if name == "reduced" and search_spec:
-            summary[name]["trained_loss"] = heldout_loss(final_model, val, cfg)  # before the search
-            final_model = _search_after(final_model, search_spec, calib, cfg, data_dir, out / SEARCHED_DIR)
-            summary[name].update(
-                run_dir=str(out / SEARCHED_DIR),
-                kv_bytes_per_token=final_model.kv_metrics()["kv_bytes_per_token"],
-            )
-        summary[name].update(
-            step0_loss=step0, final_loss=heldout_loss(final_model, val, cfg), steps=cfg.max_iters
-        )
+            before_search["trained_loss"] = heldout_loss(final_model, val, cfg)
+            scored_dir = out / SEARCHED_DIR
+            final_model = m0 = _search_after(final_model, search_spec, calib, cfg, data_dir, scored_dir)
+        summary[name] = {
+            "run_dir": str(scored_dir),
+            "kv_bytes_per_token": m0.kv_metrics()["kv_bytes_per_token"],
+            "step0_loss": step0,
+            "final_loss": heldout_loss(final_model, val, cfg),
+            "steps": cfg.max_iters,
+            **before_search,
+        }
     summary["source_loss"] = summary.get("control", {}).get("step0_loss") or heldout_loss(source, val, cfg)
     write_json(out / SUMMARY_FILE, summary)
     return summary
