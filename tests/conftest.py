@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvlab import AttentionConfig, ModelConfig
 
@@ -67,3 +68,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class Widenings(TorchDispatchMode):
+    """Records the element count of every dtype conversion from bfloat16 to float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.widened: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        src = args[0] if args else None
+        is_cast = func._overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to)
+        if is_cast and isinstance(src, torch.Tensor) and src.dtype == torch.bfloat16:
+            if out.dtype == torch.float32:
+                self.widened.append(src.numel())
+        return out

@@ -13,7 +13,7 @@ from kvlab import GPT, ModelConfig
 from kvlab.decode import Decoder
 from kvlab.generate import decode_one_token, generate
 
-from conftest import VARIANTS, tiny_config
+from conftest import VARIANTS, Widenings, tiny_config
 
 pytestmark = pytest.mark.gpu
 IDS = sorted(VARIANTS)
@@ -58,6 +58,28 @@ def test_bf16_decoder_fast_path_matches_full_forward_on_gpu(name):
     assert [len(r) for r in rows] == [13, 21]
     firsts = [len(p) + 1 for p in prompts]  # prompt + first generated token
     assert [r[:n] for r, n in zip(rows, firsts)] == [a[:n] for a, n in zip(alone, firsts)]
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "matryoshka-mixed", "mla"])
+@torch.inference_mode()
+def test_fp32_model_attends_a_bf16_cache_in_bf16_on_gpu(name):
+    """On a GPU a cache narrower than the compute is attended in its own dtype: no decode step widens the
+    cache to float32 (only the token's query and result), and the steps match the full forward."""
+    model = GPT(tiny_config(VARIANTS[name])).cuda().eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 48), device="cuda")
+    full = model(idx)
+    for fast in (False, True):
+        cache = model.new_cache(batch_size=2, max_len=48, dtype=torch.bfloat16)
+        decoder = Decoder(model)
+        steps = [model(idx[:, :40], cache=cache)]
+        mode = Widenings()
+        with mode:
+            for t in range(40, 48):
+                tok = idx[:, t : t + 1]
+                steps.append(decoder.step(tok, cache)[:, None] if fast else model(tok, cache=cache))
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0.05, atol=0.05)
+        if fast or name != "mla":  # MLA's forward path widens its latent; its decode step does not
+            assert max(mode.widened, default=0) < 40 * 2 * 4, (fast, max(mode.widened))
 
 
 @torch.inference_mode()

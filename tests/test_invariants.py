@@ -13,12 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kvlab.attention.base as attention_base
 from kvlab import GPT
 from kvlab.cache import CacheError
 from kvlab.decode import Decoder
 from kvlab.generate import generate
 
-from conftest import FAMILIES, VARIANTS, tiny_config
+from conftest import FAMILIES, VARIANTS, Widenings, tiny_config
 
 IDS = sorted(VARIANTS)
 
@@ -93,6 +94,49 @@ def test_decoder_reads_a_narrower_cache(name):
             steps.append(decoder.step(tok, cache)[:, None] if fast else model(tok, cache=cache))
         outs.append(torch.cat(steps, dim=1))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("widen", [True, False])
+@torch.inference_mode()
+def test_narrow_cache_is_attended_in_its_dtype(name, widen, monkeypatch):
+    """A bfloat16 cache under a float32 model. Where the device attends in the cache's dtype (GPUs; here
+    forced on the CPU by emptying WIDENING_DEVICES), no decode step converts a cached layer's K/V to
+    float32, only the one token's query and result, and the steps still match the widened ones at bfloat16
+    resolution; where it widens (the CPU), the whole cache is converted, which is what the first half
+    detects. Context-KV gathers its bounded window per step and widens that; it is not counted."""
+    if not widen:
+        monkeypatch.setattr(attention_base, "WIDENING_DEVICES", frozenset())
+    model = _model(name)
+    B, T, t0 = 2, 48, 40
+    idx = torch.randint(0, model.config.vocab_size, (B, T))
+    ref_cache = model.new_cache(batch_size=B, max_len=T, dtype=torch.bfloat16)
+    ref = model(idx, cache=ref_cache)  # prefill of every token over the bf16 cache, float32 compute
+    for fast in (False, True):
+        cache = model.new_cache(batch_size=B, max_len=T, dtype=torch.bfloat16)
+        decoder = Decoder(model)
+        steps = [model(idx[:, :t0], cache=cache)]
+        states = [layer for layer in cache.states if layer is not None]
+        tensors = [t for layer in states for t in getattr(layer, "tensors", {}).values()]
+        held = min((t.numel() // T for t in tensors), default=0)  # elements a token adds to a cached tensor
+        mode = Widenings()
+        with mode:
+            for t in range(t0, T):
+                tok = idx[:, t : t + 1]
+                steps.append(decoder.step(tok, cache)[:, None] if fast else model(tok, cache=cache))
+        out = torch.cat(steps, dim=1)
+        torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+        widest = max(mode.widened, default=0)
+        if name.startswith("context"):
+            continue
+        attn = model.blocks[0].attn
+        # MLA's own decode reads the latent in attend_dtype; with per-head RoPE keys it runs forward
+        absorbed_step = attn.kind == "mla" and attn.rope_heads == 1
+        narrow_path = not widen and (attn.attends_any_cache_dtype or (fast and absorbed_step))
+        if narrow_path:
+            assert widest < t0 * held, f"{'fast' if fast else 'forward'}: widened {widest} elements"
+        else:
+            assert widest >= t0 * held
 
 
 def test_decoder_refuses_a_full_cache():

@@ -102,6 +102,26 @@ class TensorState:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+# Devices whose cached steps widen a cache narrower than the compute instead of attending in its dtype.
+# On this CPU a bfloat16 matmul needs oneDNN (which the decode step turns off for GELU's sake: without it a
+# bf16 step over 4096 keys takes 7 ms against 1.2 ms widened), and oneDNN's batch-1 bf16 GEMMs are slower
+# than float32 for MQA-shaped groups (benchmarks/README.md); GPUs' fused kernels read bf16 at half the
+# bytes and accumulate in float32.
+WIDENING_DEVICES = frozenset({"cpu"})
+
+
+def attend_dtype(cache: torch.dtype, compute: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a cached step attends in when the cache is stored in `cache` and queries are `compute`.
+
+    A narrower cache (bf16 cache under a float32 model or autocast's float32 residual stream) is read in its
+    own dtype, so a step converts its one query instead of the whole cache; on WIDENING_DEVICES, and for a
+    cache wider than the compute, the cache is converted to the compute dtype as before.
+    """
+    if cache == compute or device.type in WIDENING_DEVICES or cache.itemsize >= compute.itemsize:
+        return compute
+    return cache
+
+
 def causal_attention(
     q: torch.Tensor,  # (B, H, T, D)
     k: torch.Tensor,  # (B, H_kv, S, D)
@@ -113,8 +133,13 @@ def causal_attention(
     """Causal SDPA where queries may start later than keys (cached prefill/decode).
 
     Query t (absolute position q_start + t) sees keys 0..q_start + t. KV heads are shared by groups of
-    query heads inside SDPA (`enable_gqa`), never expanded in the cache.
+    query heads inside SDPA (`enable_gqa`), never expanded in the cache. K/V of another dtype than q (a
+    cache's) are attended in `attend_dtype`; the result is in q's dtype.
     """
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        dt = attend_dtype(k.dtype, q.dtype, q.device)
+        y = causal_attention(q.to(dt), k.to(dt), v.to(dt), q_start, scale=scale, dropout_p=dropout_p)
+        return y.to(q.dtype)
     T, S = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
     if T > 1 and (k.stride(-1) != 1 or v.stride(-1) != 1):
@@ -157,8 +182,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """q (B, H_kv, G, D) over every held key: k (B, H_kv, S, D), v (B, H_kv, S, Dv) -> (B, H_kv, G, Dv).
 
     One decode step sees every key, so no mask. A `kv_buffer` CPU cache ((D, S)-major) is read by two
-    matmuls whose rows are whole sequences; otherwise SDPA's fused kernel does it.
+    matmuls whose rows are whole sequences; otherwise SDPA's fused kernel does it. A cache in another dtype
+    than q is attended in `attend_dtype` (the result is in q's dtype).
     """
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        dt = attend_dtype(k.dtype, q.dtype, q.device)
+        return decode_attention(q.to(dt), k.to(dt), v.to(dt), scale=scale).to(q.dtype)
     if k.stride(-1) == 1 and v.stride(-1) == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     B, H, G, D = q.shape
@@ -203,6 +232,9 @@ class KVStructure(nn.Module):
     provides_positions = False
     # Why another layer cannot read this structure's cache (kv_share), or None when it can.
     kv_share_unsupported: str | None = None
+    # True: `attend` reads the cache's tensors only through causal_attention, which attends a narrower
+    # cache in `attend_dtype`; False: forward's cached path first converts the cache to the compute dtype.
+    attends_any_cache_dtype = False
 
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__()
@@ -284,8 +316,9 @@ class KVStructure(nn.Module):
         else:
             if self.owns_kv:
                 state.write(pos, new_kv)
-            # A cache may be stored in a narrower dtype than the compute (e.g. bf16 cache, fp32 model).
-            full = tuple(t.to(x.dtype) for t in state.read(pos + x.shape[1]))
+            full = state.read(pos + x.shape[1])
+            if not self.attends_any_cache_dtype:  # a cache narrower than the compute (bf16 cache, fp32 model)
+                full = tuple(t.to(x.dtype) for t in full)
         return self.attend(x, pos, full), new_kv
 
     def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:

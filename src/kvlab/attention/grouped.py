@@ -38,6 +38,7 @@ class GroupedAttention(KVStructure):
     """Caches K and V for n_kv_heads heads: (B, H_kv, T, head_dim) each."""
 
     Options = GroupedOptions
+    attends_any_cache_dtype = True
 
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__(cfg, model_cfg, layer_idx, owns_kv)
@@ -94,9 +95,7 @@ class GroupedAttention(KVStructure):
         if self.rotary is not None:
             q = self.rotary(q, pos)
         k, v = k_buf[:, :, : pos + 1], v_buf[:, :, : pos + 1]  # (B, H_kv, pos + 1, D) views
-        if k.dtype != q.dtype:  # a cache narrower than the compute (bf16 cache, fp32 model)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        y = decode_attention(q.view(B, H_kv, -1, D), k, v)  # (B, H_kv, G, D)
+        y = decode_attention(q.view(B, H_kv, -1, D), k, v)  # (B, H_kv, G, D), in attend_dtype
         return linear(self.c_proj, y.reshape(B, self.n_embd))
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> float:

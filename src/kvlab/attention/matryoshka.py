@@ -249,9 +249,7 @@ class MatryoshkaAttention(GroupedAttention):
             v_buf[:, :, pos : pos + 1].copy_(_heads(c_v, heads)[..., :r_v])
             q_g = _heads(q, heads) @ _heads(u_k, heads, 0)[..., :r_k]  # (B, n, G, r_k)
             c_kg, c_vg = k_buf[:, :, : pos + 1], v_buf[:, :, : pos + 1]
-            if c_kg.dtype != q_g.dtype:  # a cache narrower than the compute
-                c_kg, c_vg = c_kg.to(q_g.dtype), c_vg.to(q_g.dtype)
-            o = decode_attention(q_g, c_kg, c_vg, scale=D**-0.5)  # (B, n, G, r_v)
+            o = decode_attention(q_g, c_kg, c_vg, scale=D**-0.5)  # (B, n, G, r_v), in attend_dtype
             u_vr = _heads(u_v, heads, 0)[..., :r_v].transpose(-1, -2)  # (n, r_v, D)
             out = o @ u_vr + _heads(self.v_mean, heads, 0)[:, None, :]  # (B, n, G, D)
             if len(groups) == 1:

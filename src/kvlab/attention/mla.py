@@ -19,6 +19,7 @@ from kvlab.attention.base import (
     Linears,
     Payload,
     TensorState,
+    attend_dtype,
     causal_attention,
     register,
     register_preset,
@@ -280,9 +281,9 @@ class LatentAttention(KVStructure):
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # (B, H, r)
         q = torch.cat([q_latent, self._rope(q_rope.view(B, H, 1, rd), pos).view(B, H, rd)], dim=-1)
         latent = buf[:, : pos + 1]  # (B, S, r + rd), a view
-        if latent.dtype != q.dtype:  # a cache narrower than the compute
-            latent = latent.to(q.dtype)
-        o = _latent_step(q, latent, latent[..., :r], (hd + rd) ** -0.5)  # (B, H, r)
+        dt = attend_dtype(latent.dtype, q.dtype, q.device)  # a narrower cache is read in its own dtype
+        latent = latent.to(dt)
+        o = _latent_step(q.to(dt), latent, latent[..., :r], (hd + rd) ** -0.5).to(q.dtype)  # (B, H, r)
         y = torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # (B, H, hd)
         if self.kv_b.bias is not None:
             y = y + self.kv_b.bias.view(H, 2 * hd)[:, hd:]  # b_V (sum of the probabilities is 1)
