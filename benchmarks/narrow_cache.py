@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -93,6 +94,9 @@ def main(argv=None) -> int:
         CLOCK[0] = time.process_time
     device = torch.device(args.device)
     env = environment_info() | {"threads": torch.get_num_threads()}
+    # glibc's malloc tunables: a widened cache is a fresh (B H_kv S D) float32 buffer per step, and whether
+    # malloc maps new pages for it (page faults every step) or reuses freed ones depends on these
+    env["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     B, H, D = args.batch_size, args.n_head, args.head_dim
     print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads, commit "
           f"{(env['git_commit'] or '?')[:7]}; batch {B}, {H} query heads, head_dim {D}; ms/step")  # fmt: skip
