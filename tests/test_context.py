@@ -8,17 +8,19 @@ chunks, the OACD loss against a hand computation, and one-line config errors.
 from __future__ import annotations
 
 import math
+from unittest.mock import patch
 
 import pytest
 import torch
 
 from kvlab import GPT, AttentionConfig, ConfigError, ModelConfig
 from kvlab.attention.context import ContextAttention, collect_contexts, context_block_parameters
+from kvlab.decode import Decoder
 from kvlab.errors import KvlabError
 from kvlab.generate import generate
 from kvlab.losses import oacd_loss, oacd_term
 
-from conftest import tiny_config
+from conftest import FAMILIES, tiny_config
 
 MANY_CHUNKS = AttentionConfig(kind="context", interval=4, max_contexts=3)
 
@@ -81,6 +83,38 @@ def test_cached_decode_over_many_chunks_matches_full_forward(t0):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     # 10 chunks went through a 3-slot ring: the cache really held only the bounded state.
     assert cache.nbytes() == model.kv_cache_bytes(batch_size=2, max_len=40, dtype=torch.float32)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    "att",
+    [MANY_CHUNKS, AttentionConfig(kind="context", interval=5, max_contexts=2, local_window=3, n_kv_heads=2)],
+)
+def test_static_decode_step_matches_full_forward_and_eager_state(att, family):
+    """`decode_static` (the compiled step's formulation: whole rings, a mask from pos, where-writes) gives
+    the full forward's logits across many chunks and ring evictions, and leaves the cache holding what
+    the eager `decode` leaves in every entry a later query can read."""
+    fam = FAMILIES[family]
+    model = GPT(tiny_config(att, **fam)).eval()
+    idx = torch.randint(0, 97, (2, 41))
+    full = model(idx)
+    outs, states = [], []
+    for static in (False, True):
+        cache = model.new_cache(batch_size=2, max_len=41, dtype=torch.float32)
+        decoder = Decoder(model)
+        steps = [model(idx[:, :3], cache=cache)]
+        step = ContextAttention.decode_static if static else ContextAttention.decode
+        with patch.object(ContextAttention, "decode", step):
+            steps += [decoder.step(idx[:, t : t + 1], cache)[:, None] for t in range(3, 41)]
+        outs.append(torch.cat(steps, dim=1))
+        states.append(cache.states[0])
+    for out in outs:
+        torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+    eager, static = states
+    torch.testing.assert_close(static.slots, eager.slots, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(static.h, eager.h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(static.raw_k, eager.raw_k, rtol=1e-5, atol=1e-6)
 
 
 @torch.inference_mode()

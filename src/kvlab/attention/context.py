@@ -19,10 +19,10 @@ from kvlab.attention.base import (
     PLAIN_LINEARS,
     KVStructure,
     Linears,
-    decode_attention,
     register,
     register_preset,
 )
+from kvlab.attention.context_decode import gathered_step, static_step
 from kvlab.config import AttentionConfig, ConfigError, ModelConfig, ModelShape
 from kvlab.errors import KvlabError
 
@@ -273,65 +273,18 @@ class ContextAttention(KVStructure):
         return y, None
 
     def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:
-        """One token per sequence, x (B, C) at `pos`: forward's cached path for T = 1, without its mask.
+        """One token per sequence, x (B, C) at `pos`: forward's cached path for T = 1 without its mask
+        (`context_decode.gathered_step`); a compiled step runs `decode_static` instead."""
+        if torch.compiler.is_compiling():
+            return static_step(self, x, pos, state, linear)
+        return gathered_step(self, x, pos, state, linear)
 
-        A query in chunk c reads the completed slots [c - n_slots, c) and the raw tokens of its own chunk
-        inside the window, exactly what the ring holds, so every gathered key is valid; a slot the token
-        completes is stored for later queries but not read now (slot ids must be < c). With no slot ring
-        (a cache too short for a slot ever to complete) the ContextBlock does not run at all.
-        """
-        B = x.shape[0]
-        interval, H_kv, D = self.interval, self.n_kv_heads, self.head_dim
-        n_slots, n_raw = state.slots.shape[1], state.raw_k.shape[2]
-        chunk, offset = divmod(pos, interval)
-        dtype = x.dtype
-        keys, values = [], []
-        old_first = max(0, chunk - n_slots)
-        if chunk > old_first:  # the held slots, each at the last position of its chunk
-            ids = torch.arange(old_first, chunk, device=x.device)
-            ctx = state.slots[:, ids % n_slots].to(dtype)  # (B, n_old, d)
-            slot_kv = linear(self.slot_kv_proj, self.context_norm(ctx)).view(B, -1, 2, H_kv, D)
-            slot_k, slot_v = slot_kv.permute(2, 0, 3, 1, 4)  # (B, H_kv, n_old, D) each
-            if self.rotary is not None:
-                slot_k = self.rotary.at(slot_k, (ids + 1) * interval - 1, end=chunk * interval)
-            keys.append(slot_k)
-            values.append(slot_v)
-        raw_first = max(chunk * interval, pos - self.local_window + 1, pos - n_raw)
-        if pos > raw_first:  # the window's earlier tokens, from the raw ring
-            held = torch.arange(raw_first, pos, device=x.device) % n_raw
-            keys.append(state.raw_k[:, :, held].to(dtype))
-            values.append(state.raw_v[:, :, held].to(dtype))
-        kv = linear(self.kv_proj, x).view(B, 2, H_kv, 1, D)  # (B, 2, H_kv, 1, D)
-        k_new = kv[:, 0] if self.rotary is None else self.rotary(kv[:, 0], pos)  # post-RoPE
-        v_new = kv[:, 1]
-        keys.append(k_new)
-        values.append(v_new)
-        q = linear(self.q_proj, x).view(B, self.n_head, 1, D)  # (B, H, 1, D)
-        if self.rotary is not None:
-            q = self.rotary(q, pos)
-        k = torch.cat(keys, dim=2) if len(keys) > 1 else k_new  # (B, H_kv, S, D)
-        v = torch.cat(values, dim=2) if len(values) > 1 else v_new
-        y = decode_attention(q.view(B, H_kv, -1, D), k, v)  # (B, H_kv, G, D)
-        y = linear(self.c_proj, y.reshape(B, self.n_embd))
-
-        # Keep what later queries need (as _update): the slot this token completes, its raw K/V (unless
-        # it closes the chunk), the recurrent state of the chunk in progress.
-        if n_slots:
-            h0 = state.h.to(dtype) if offset else x.new_zeros(B, self.context_dim)
-            cell = self.context_block
-            h = torch.gru_cell(
-                x, h0, linear.weight(self._gate("ih")), linear.weight(self._gate("hh")), cell.bias_ih,
-                cell.bias_hh,
-            )  # fmt: skip
-            if offset == interval - 1:
-                state.slots[:, chunk % n_slots] = h.to(state.slots.dtype)
-                state.h.zero_()
-            else:
-                state.h.copy_(h)
-        if n_raw and offset < interval - 1:
-            state.raw_k[:, :, pos % n_raw] = k_new[:, :, 0].to(state.raw_k.dtype)
-            state.raw_v[:, :, pos % n_raw] = v_new[:, :, 0].to(state.raw_v.dtype)
-        return y
+    def decode_static(
+        self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS
+    ) -> torch.Tensor:
+        """`decode` with shapes and control flow that do not depend on pos (`context_decode.static_step`):
+        one compiled graph for every position."""
+        return static_step(self, x, pos, state, linear)
 
     def _gate(self, which: str) -> _GRUWeights:
         """The ContextBlock's input ("ih") or hidden ("hh") weights as a layer that `Linears` can hold."""
