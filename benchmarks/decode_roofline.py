@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 import kvlab
 from kvlab import GPT, ModelConfig
@@ -259,6 +260,10 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
+    if args.compile:
+        # Every model compiles the same code object (Decoder._forward / GPT.forward): past dynamo's
+        # default of 8 graphs per code object the later structures would silently run eagerly.
+        torch._dynamo.config.recompile_limit = 64
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":

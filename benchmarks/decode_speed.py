@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 from kvlab import GPT, ModelConfig
 from kvlab.checkpoint import environment_info
@@ -273,6 +274,10 @@ def main(argv=None) -> int:
     p.add_argument("--hf-new-tokens", type=int, default=128)
     p.add_argument("--hf-rounds", type=int, default=5)
     args = p.parse_args(argv)
+    if args.compile:
+        # Every model compiles the same code object (Decoder._forward / GPT.forward): past dynamo's
+        # default of 8 graphs per code object the later structures would silently run eagerly.
+        torch._dynamo.config.recompile_limit = 64
     if args.quick:
         args.new_tokens = 8
     if args.threads:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's GPU measurements in one prepared run, for a lent device (one call, at most 9 minutes):
+# Issue 11's GPU measurements in one prepared run for a lent device: one call, its steps' limits 550 s in all.
 #
 #   run (device tool), from the repository root:
 #     KVLAB_GIT_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_check.sh
@@ -16,7 +16,9 @@
 #   2. gpt2-124m cached decode, batch 1 and 64 at context 896 (+ the timed steps: 1024 positions), compiled
 #      step                                                                    (target: >= 2,000 tok/s at b1)
 #   3. roofline at batch 64, gpt2-124m shape, compiled: mha / gqa / mla          (>= 60% of HBM; MLA >= GQA)
-#   4. training tokens/s, gpt2-124m, bf16 autocast + compile, against nanoGPT's model compiled the same
+#   4. attention over a bf16 cache under fp32 queries, widened against attended in bf16, batch 64
+#      (what attend_dtype chooses off the CPU)
+#   5. training tokens/s, gpt2-124m, bf16 autocast + compile, against nanoGPT's model compiled the same
 #      way                                   (>= 500k tok/s, >= 1.2x nanoGPT; MLA, Matryoshka >= 0.8x MHA,
 #                                             Context-KV >= 0.7x)
 set -uo pipefail
@@ -39,14 +41,16 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, report how it e
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
-step 120 tests "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+step 110 tests "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 step 110 decode "$PY" benchmarks/decode_speed.py --shapes gpt2-124m --structures mha gqa mla \
   --batch-sizes 1 64 --contexts 896 --new-tokens 64 --no-nocache --compile \
   --out "$OUT/decode_speed_gpu_$tag.json"
 step 140 roofline "$PY" benchmarks/decode_roofline.py --structures mha gqa mla --batch-size 64 \
   --contexts 1024 --n-layer 12 --n-embd 768 --n-head 12 --vocab-size 50304 --steps 16 --rounds 3 \
   --compile --tag "_gpu_b64_$tag" --out-dir "$OUT"
-step 170 train "$PY" benchmarks/train_throughput.py --preset gpt2-124m --vocab-size 50304 \
+step 30 narrow "$PY" benchmarks/narrow_cache.py --batch-size 64 --contexts 1024 4096 --kv-heads 12 3 1 \
+  --n-head 12 --out "$OUT/narrow_cache_gpu_$tag.json"
+step 160 train "$PY" benchmarks/train_throughput.py --preset gpt2-124m --vocab-size 50304 \
   --structures mha mla matryoshka-32 context-32 --batch-size 16 --rounds 3 --steps 5 --no-hf \
   --no-logits-row --compile --out "$OUT/train_throughput_gpu_$tag.json"
 ls -l "$OUT"

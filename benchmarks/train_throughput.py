@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -155,6 +156,10 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--out", default=None, help="JSON path (default results/train_throughput_<dev>_<commit>)")
     args = p.parse_args()
+    if args.compile:
+        # Every model compiles the same code object (Decoder._forward / GPT.forward): past dynamo's
+        # default of 8 graphs per code object the later structures would silently run eagerly.
+        torch._dynamo.config.recompile_limit = 64
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
