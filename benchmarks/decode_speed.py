@@ -54,13 +54,15 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def cached_decode(model: GPT, batch: int, context: int, steps: int, dtype, device, compile=False) -> dict:
+def cached_decode(
+    model: GPT, batch: int, context: int, steps: int, dtype, device, compile=False, static=False
+) -> dict:
     """Prefill `context` random tokens, then time `steps` single-token decode steps over the cache.
 
     The steps run through `Decoder.step`; a compiled one gets 3 untimed warm-up steps first, so
     compilation is not counted.
     """
-    decoder = Decoder(model, compile=compile)
+    decoder = Decoder(model, compile=compile, static=static)
     warm = 3 if compile else 0
     vocab = model.config.vocab_size
     idx = torch.randint(0, vocab, (batch, context), device=device)
@@ -125,11 +127,13 @@ def run(args) -> list[dict]:
             if model is None:
                 continue
             kv = model.kv_metrics()
-            warm_up = (model, 1, min(contexts), 2, dtype, device, args.compile)
+            warm_up = (model, 1, min(contexts), 2, dtype, device, args.compile, args.static)
             cached_decode(*warm_up)  # allocator, kernels (and compilation)
             for context in contexts:
                 for batch in batches:
-                    r = cached_decode(model, batch, context, args.new_tokens, dtype, device, args.compile)
+                    r = cached_decode(
+                        model, batch, context, args.new_tokens, dtype, device, args.compile, args.static
+                    )
                     row = {"shape": shape, "structure": structure, "batch": batch, "context": context, **r}
                     row["kv_bytes_per_token"] = kv["kv_bytes_per_token"]
                     if args.nocache and batch == 1:
@@ -256,6 +260,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-nocache", dest="nocache", action="store_false", help="skip cache-free generation")
     p.add_argument("--quick", action="store_true", help="8 decode steps per cell (smoke test)")
     p.add_argument("--compile", action="store_true", help="time a compiled decode step")
+    p.add_argument(
+        "--static", action="store_true",
+        help="static decode steps (whole cache, masked; with --compile on a GPU: CUDA graphs, as gpt-fast)",
+    )  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(

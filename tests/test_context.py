@@ -8,7 +8,6 @@ chunks, the OACD loss against a hand computation, and one-line config errors.
 from __future__ import annotations
 
 import math
-from unittest.mock import patch
 
 import pytest
 import torch
@@ -92,9 +91,9 @@ def test_cached_decode_over_many_chunks_matches_full_forward(t0):
     [MANY_CHUNKS, AttentionConfig(kind="context", interval=5, max_contexts=2, local_window=3, n_kv_heads=2)],
 )
 def test_static_decode_step_matches_full_forward_and_eager_state(att, family):
-    """`decode_static` (the compiled step's formulation: whole rings, a mask from pos, where-writes) gives
-    the full forward's logits across many chunks and ring evictions, and leaves the cache holding what
-    the eager `decode` leaves in every entry a later query can read."""
+    """`static_step` (what compiled and static steps run: whole rings, a mask from the position, where-writes)
+    gives the full forward's logits across many chunks and ring evictions, and leaves the cache holding
+    what the eager step leaves in every entry a later query can read."""
     fam = FAMILIES[family]
     model = GPT(tiny_config(att, **fam)).eval()
     idx = torch.randint(0, 97, (2, 41))
@@ -102,11 +101,9 @@ def test_static_decode_step_matches_full_forward_and_eager_state(att, family):
     outs, states = [], []
     for static in (False, True):
         cache = model.new_cache(batch_size=2, max_len=41, dtype=torch.float32)
-        decoder = Decoder(model)
+        decoder = Decoder(model, static=static)
         steps = [model(idx[:, :3], cache=cache)]
-        step = ContextAttention.decode_static if static else ContextAttention.decode
-        with patch.object(ContextAttention, "decode", step):
-            steps += [decoder.step(idx[:, t : t + 1], cache)[:, None] for t in range(3, 41)]
+        steps += [decoder.step(idx[:, t : t + 1], cache)[:, None] for t in range(3, 41)]
         outs.append(torch.cat(steps, dim=1))
         states.append(cache.states[0])
     for out in outs:

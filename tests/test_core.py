@@ -221,9 +221,9 @@ def test_short_generations_skip_the_weight_copies(monkeypatch):
     asked = []
 
     class Recording(gen.Decoder):
-        def __init__(self, model, relayout=None, compile=False):
+        def __init__(self, model, relayout=None, compile=False, static=False):
             asked.append(relayout)
-            super().__init__(model, relayout=relayout, compile=compile)
+            super().__init__(model, relayout=relayout, compile=compile, static=static)
 
     monkeypatch.setattr(gen, "Decoder", Recording)
     model = GPT(tiny_config("gqa")).eval()

@@ -15,6 +15,7 @@ import torch
 
 import kvlab.attention.base as attention_base
 from kvlab import GPT
+from kvlab.attention.base import StaticDecodeError
 from kvlab.cache import CacheError
 from kvlab.decode import Decoder
 from kvlab.generate import generate
@@ -139,6 +140,37 @@ def test_narrow_cache_is_attended_in_its_dtype(name, widen, monkeypatch):
             assert widest >= t0 * held
 
 
+# Structures whose decode step runs forward's general path, which has no static formulation.
+NO_STATIC = {"mla-rope-heads"}
+
+
+@pytest.mark.parametrize("family", FAMS)
+@pytest.mark.parametrize("name", IDS)
+@torch.inference_mode()
+def test_static_decoder_steps_match_full_forward(name, family):
+    """A static step (the whole cache read with a mask, writes through index_copy_, the position a
+    tensor: what CUDA graphs capture) == the full forward; a structure without one says so in one line."""
+    model = _model(name, family)
+    B, T, t0 = 2, 23, 9
+    idx = torch.randint(0, model.config.vocab_size, (B, T))
+    full = model(idx)
+    cache = model.new_cache(batch_size=B, max_len=T + 4, dtype=torch.float32)  # room the mask must hide
+    decoder = Decoder(model, static=True)
+    steps = [model(idx[:, :t0], cache=cache)]
+    if name in NO_STATIC:
+        with pytest.raises(StaticDecodeError, match="no static decode step; decode without static=True"):
+            decoder.step(idx[:, t0 : t0 + 1], cache)
+        return
+    steps += [decoder.step(idx[:, t : t + 1], cache)[:, None] for t in range(t0, T)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.pos == T
+
+
+def test_static_decoding_needs_a_kvlab_gpt():
+    with pytest.raises(StaticDecodeError, match="static decoding needs a kvlab GPT"):
+        Decoder(torch.nn.Linear(2, 2), static=True)
+
+
 def test_decoder_refuses_a_full_cache():
     model = _model("gqa")
     cache = model.new_cache(batch_size=1, max_len=2, dtype=torch.float32)
@@ -151,12 +183,14 @@ def test_decoder_refuses_a_full_cache():
 
 
 @pytest.mark.slow  # torch.compile of the step: tens of seconds on 2 busy cores
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("name", ["gqa", "mla", "matryoshka-mixed", "context-4"])
 @torch.inference_mode()
-def test_compiled_decoder_matches_eager(name):
+def test_compiled_decoder_matches_eager(name, static):
     """The compiled step gives the eager tokens, and compiles to one graph for every position (no recompile
     per step: the step indexes its caches with slices, so pos stays symbolic; Context-KV's compiled step is
-    its static-shape `decode_static`)."""
+    its static-shape `static_step`). A static step compiles with dynamic=False and fullgraph=True, as CUDA
+    graphs need: the position is a tensor, so nothing specialises on it."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -165,9 +199,9 @@ def test_compiled_decoder_matches_eager(name):
     eager = generate(model, prompt, max_new_tokens=12)
     torch._dynamo.reset()
     counters.clear()
-    compiled = generate(model, prompt, max_new_tokens=12, compile=True)
+    compiled = generate(model, prompt, max_new_tokens=12, compile=True, static=static)
     assert torch.equal(compiled.tokens, eager.tokens)
-    assert counters["frames"]["total"] == 1, dict(counters["frames"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # static: fullgraph, no breaks
 
 
 @pytest.mark.parametrize("name", IDS)

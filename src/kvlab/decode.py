@@ -16,11 +16,14 @@ check Decoder.step == GPT.forward for every structure and family.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kvlab.attention.base import Linears
+from kvlab.attention.base import Linears, StaticDecodeError, StaticPosition, StepPosition
 from kvlab.cache import CacheError, KVCache
 from kvlab.model import GPT
 
@@ -55,10 +58,23 @@ class Decoder:
     """`step(token, cache)` for a kvlab GPT; any other model with GPT's cache interface (the harness's
     SeedGPT) is stepped through its own forward."""
 
-    def __init__(self, model: nn.Module, relayout: bool | None = None, compile: bool = False):
+    def __init__(
+        self, model: nn.Module, relayout: bool | None = None, compile: bool = False, static: bool = False
+    ):
+        """`compile`: torch.compile the one-token step (dynamic shapes: one graph for every position).
+        `static`: each step reads the whole preallocated cache with a mask and writes through index_copy_,
+        the position a device tensor (`StaticPosition`), so the step's shapes never change; compiled, it is
+        captured as CUDA graphs on a GPU (mode "reduce-overhead", gpt-fast's static cache). A static step
+        reads max_len positions whatever the context, so it pays off where launches, not bytes, bound
+        the step (small models on GPUs)."""
         self.model = model
         self.fast = isinstance(model, GPT)
+        self.static = static
         if not self.fast:
+            if static:
+                raise StaticDecodeError(
+                    "static decoding needs a kvlab GPT (this model steps its own forward)"
+                )
             return
         weight = model.wte.weight
         cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
@@ -71,7 +87,17 @@ class Decoder:
         self._structure = model._structure_key()
         # The first step runs eagerly (it fills the weight table, which compiled code then reads as fixed).
         self._step = self._forward
-        self._compiled = torch.compile(self._forward, dynamic=True) if compile else None
+        self._graphs = compile and static and weight.device.type == "cuda"
+        self._compiled = None
+        if compile and static:
+            mode = "reduce-overhead" if self._graphs else None
+            self._compiled = torch.compile(self._forward, dynamic=False, fullgraph=True, mode=mode)
+        elif compile:
+            self._compiled = torch.compile(self._forward, dynamic=True)
+        self._pos = torch.zeros(1, dtype=torch.long, device=weight.device)  # a static step's position
+        self._static_caches: weakref.WeakSet[KVCache] = weakref.WeakSet()  # caches marked for CUDA graphs
+        if self._graphs:
+            torch._dynamo.mark_static_address(self._pos)  # written in place before every replay
 
     def check(self, cache: KVCache, batch_size: int) -> None:
         """Once per generation: the cache belongs to this model and has room (step() checks only room)."""
@@ -89,25 +115,48 @@ class Decoder:
         if self._no_onednn:
             onednn = torch._C._get_mkldnn_enabled()
             torch._C._set_mkldnn_enabled(False)
+        pos: int | torch.Tensor = cache.pos
+        if self.static:
+            pos = self._pos.fill_(cache.pos)
+            if self._graphs and cache not in self._static_caches:
+                self._mark_static(cache)
         try:
-            logits = self._step(token.view(-1), cache.states, cache.pos)
+            if self._graphs and self._step is self._compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self._step(token.view(-1), cache.states, pos, cache.max_len)
         finally:
             if self._no_onednn:
                 torch._C._set_mkldnn_enabled(onednn)
+        if self._graphs and self._step is self._compiled:
+            logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
         if self._compiled is not None:
             self._step = self._compiled
         cache.advance(1)
         return logits
 
-    def _forward(self, token: torch.Tensor, states: list, pos: int) -> torch.Tensor:
-        """token (B,) at position pos -> logits (B, V)."""
+    def _mark_static(self, cache: KVCache) -> None:
+        """CUDA graphs copy inputs into their own buffers unless the input's address is static: the cache's
+        tensors are written in place every step, so they must be read where they are."""
+        for state in cache.states:
+            tensors = getattr(state, "tensors", None)
+            held = tensors.values() if tensors is not None else vars(state).values() if state else ()
+            for t in held:
+                if isinstance(t, torch.Tensor):
+                    torch._dynamo.mark_static_address(t)
+        self._static_caches.add(cache)
+
+    def _forward(
+        self, token: torch.Tensor, states: list, pos: int | torch.Tensor, max_len: int
+    ) -> torch.Tensor:
+        """token (B,) at position pos (an int, or a (1,) tensor for a static step) -> logits (B, V)."""
         model, linear = self.model, self.linear
+        at = StaticPosition(pos, max_len) if isinstance(pos, torch.Tensor) else StepPosition(pos)
         x = model.wte.weight[token]  # (B, C)
         if model.wpe is not None:
-            x = x + model.wpe.weight[pos]
+            x = x + model.wpe.weight[pos]  # (C,), or (1, C) at a tensor position
         owners = model.owners
         for i, block in enumerate(model.blocks):
-            a = block.attn.decode(block.ln_1(x), pos, states[owners[i]], linear)  # (B, C)
+            a = block.attn.decode(block.ln_1(x), at, states[owners[i]], linear)  # (B, C)
             if block.parallel_residual:  # GPT-NeoX: attention and MLP both read x
                 x = x + a + self._mlp(block.mlp, block.ln_2(x))
             else:

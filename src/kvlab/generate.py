@@ -153,6 +153,7 @@ def generate(
     cache_dtype: torch.dtype | None = None,
     seed: int | None = None,
     compile: bool = False,
+    static: bool = False,
 ) -> GenerationResult:
     """Generate up to max_new_tokens after each prompt: idx is a (B, T) tensor, or a list of prompts of any
     lengths (1-D tensors or lists of ids), in a cache sized longest prompt + new tokens.
@@ -161,7 +162,9 @@ def generate(
     stops). `tokens` holds each row's prompt and generated ids from position 0, right-padded (with
     eos_token, else 0) to the longest row; `lengths` / `sequences()` give each row without padding.
     compile=True compiles the decode step (torch.compile; the first steps pay the compilation, which
-    decode_s includes)."""
+    decode_s includes). static=True decodes over the whole preallocated cache with a mask and the position
+    as a tensor (kvlab.decode.Decoder), so the step's shapes never change: with compile=True on a GPU it
+    runs as CUDA graphs (gpt-fast's static cache)."""
     device = idx.device if isinstance(idx, torch.Tensor) else next(model.parameters()).device
     idx, lengths = as_prompt_batch(idx, model.config.vocab_size, device)
     check_generation_options(model, idx, max_new_tokens, temperature, top_k, eos_token)
@@ -179,7 +182,8 @@ def generate(
         generator = torch.Generator(device=idx.device).manual_seed(seed)
     cache = model.new_cache(batch_size=B, max_len=max_len, dtype=cache_dtype)
     steps = T - first + max_new_tokens - 1  # decode steps at most: the longer prompts' tails, then generation
-    decoder = Decoder(model, compile=compile, relayout=None if steps >= RELAYOUT_MIN_STEPS else False)
+    relayout = None if steps >= RELAYOUT_MIN_STEPS else False
+    decoder = Decoder(model, compile=compile, static=static, relayout=relayout)
     prompt_len = torch.tensor(lengths, device=idx.device)
     ends = prompt_len + max_new_tokens  # per row: where its tokens end (earlier at EOS)
     out = [idx[:, :first]]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kvlab.attention.rope import Rotary
 from kvlab.config import AttentionConfig, ConfigError, ModelConfig, ModelShape, _divisors
+from kvlab.errors import KvlabError
 
 Payload = tuple[torch.Tensor, ...]
 
@@ -178,27 +179,114 @@ def kv_buffer(shape: tuple[int, int, int, int], device: torch.device, dtype: tor
     return torch.zeros(B, H, D, L, device=device, dtype=dtype).transpose(2, 3)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
-    """q (B, H_kv, G, D) over every held key: k (B, H_kv, S, D), v (B, H_kv, S, Dv) -> (B, H_kv, G, Dv).
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+):
+    """q (B, H_kv, G, D) over held keys: k (B, H_kv, S, D), v (B, H_kv, S, Dv) -> (B, H_kv, G, Dv).
 
-    One decode step sees every key, so no mask. A `kv_buffer` CPU cache ((D, S)-major) is read by two
-    matmuls whose rows are whole sequences; otherwise SDPA's fused kernel does it. A cache in another dtype
-    than q is attended in `attend_dtype` (the result is in q's dtype).
+    A dynamic-shape decode step sees every key it is given (no mask); a static one (`StaticPosition`) gives
+    the whole buffer and `mask` (S,), True where a key is held. A `kv_buffer` CPU cache ((D, S)-major) is
+    read by two matmuls whose rows are whole sequences; otherwise SDPA's fused kernel does it. A cache in
+    another dtype than q is attended in `attend_dtype` (the result is in q's dtype).
     """
     if k.dtype != q.dtype or v.dtype != q.dtype:
         dt = attend_dtype(k.dtype, q.dtype, q.device)
-        return decode_attention(q.to(dt), k.to(dt), v.to(dt), scale=scale).to(q.dtype)
+        return decode_attention(q.to(dt), k.to(dt), v.to(dt), scale=scale, mask=mask).to(q.dtype)
     if k.stride(-1) == 1 and v.stride(-1) == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        attn_mask = None if mask is None else mask.view(1, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     B, H, G, D = q.shape
     S = k.shape[2]
     scale = D**-0.5 if scale is None else scale
     k_t = k.transpose(-1, -2).reshape(B * H, D, S)  # a view: rows of S keys per head dim
     scores = torch.baddbmm(q.new_empty(()), q.reshape(B * H, G, D), k_t, beta=0.0, alpha=scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (B H, G, S)
     if probs.dtype != v.dtype:
         probs = probs.to(v.dtype)
     return torch.bmm(probs, v.reshape(B * H, S, -1)).view(B, H, G, -1)  # (B, H_kv, G, Dv)
+
+
+class StepPosition:
+    """Where a one-token decode step (`KVStructure.decode`) writes its payload and what it reads back.
+
+    The position is a Python int: the step writes at `pos` and reads the first pos + 1 entries of a
+    cached tensor, as slices (a step compiled with dynamic shapes keeps pos symbolic). `StaticPosition`
+    holds it as a device tensor instead, for a step whose shapes and graph never change (CUDA graphs).
+    """
+
+    static = False
+
+    def __init__(self, pos: int):
+        self.pos = pos
+
+    def write(self, buf: torch.Tensor, dim: int, value: torch.Tensor) -> None:
+        """Store value (length 1 along dim) at the step's position of buf."""
+        buf.narrow(dim, self.pos, 1).copy_(value)
+
+    def held(self, buf: torch.Tensor, dim: int) -> torch.Tensor:
+        """The part of buf a step reads along dim (with `mask`: which of it holds tokens)."""
+        return buf.narrow(dim, 0, self.pos + 1)
+
+    def mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """(length,) True where `held(...)` holds a token, or None when all of it does."""
+        return None
+
+    def rope(self, rotary, x: torch.Tensor) -> torch.Tensor:
+        """x (..., 1, D) rotated to the step's position."""
+        return rotary(x, self.pos)
+
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        """The position as a (1,) int64 tensor."""
+        return torch.arange(self.pos, self.pos + 1, device=device)
+
+    @property
+    def end(self) -> int:
+        """A bound above every position the step reads (for RoPE tables)."""
+        return self.pos + 1
+
+
+class StaticPosition(StepPosition):
+    """The step's position as a (1,) int64 device tensor, for a cache of max_len tokens: writes go through
+    `index_copy_`, reads take the whole buffer with a mask (gpt-fast's static cache), so nothing about the
+    step's shapes or control flow depends on the position."""
+
+    static = True
+
+    def __init__(self, pos: torch.Tensor, max_len: int):
+        self.pos_t, self.max_len = pos, max_len
+
+    @property
+    def pos(self) -> int:
+        raise StaticDecodeError("a static decode step has no Python position; this path needs one")
+
+    def write(self, buf: torch.Tensor, dim: int, value: torch.Tensor) -> None:
+        buf.index_copy_(dim, self.pos_t, value.to(buf.dtype))
+
+    def held(self, buf: torch.Tensor, dim: int) -> torch.Tensor:
+        return buf
+
+    def mask(self, length: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(length, device=device) <= self.pos_t
+
+    def rope(self, rotary, x: torch.Tensor) -> torch.Tensor:
+        return rotary.at(x, self.pos_t, end=self.max_len)
+
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        return self.pos_t
+
+    @property
+    def end(self) -> int:
+        return self.max_len
+
+
+class StaticDecodeError(KvlabError):
+    """A layer has no static-shape decode step (`Decoder(static=True)`)."""
 
 
 class Linears:
@@ -321,16 +409,24 @@ class KVStructure(nn.Module):
                 full = tuple(t.to(x.dtype) for t in full)
         return self.attend(x, pos, full), new_kv
 
-    def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, at: StepPosition, state, linear: Linears = PLAIN_LINEARS
+    ) -> torch.Tensor:
         """One cached decode step (kvlab.decode's fast path): x (B, C), one token per sequence at position
-        pos -> (B, C).
+        `at` -> (B, C).
 
         `state` is the cache this layer reads (its own, or its owner's); an owner appends x's payload.
-        `linear(layer, x)` applies one of the layer's nn.Linear (`Linears`: the fast path may hold its weight
-        in the layout a batch-1 GEMV reads fastest). Structures override this with a lean one-token path;
-        the default runs the general forward, so every structure decodes correctly without one.
+        `at` says where to write and what to read (`StepPosition`; a `StaticPosition` for a step whose
+        shapes do not depend on the position). `linear(layer, x)` applies one of the layer's nn.Linear
+        (`Linears`: the fast path may hold its weight in the layout a batch-1 GEMV reads fastest).
+        Structures override this with a lean one-token path; the default runs the general forward, so every
+        structure decodes correctly without one (but not statically).
         """
-        return self.forward(x[:, None], pos=pos, state=state)[0][:, 0]
+        if at.static:
+            raise StaticDecodeError(
+                f"layer {self.layer_idx} ({self.kind}) has no static decode step; decode without static=True"
+            )
+        return self.forward(x[:, None], pos=at.pos, state=state)[0][:, 0]
 
 
 def init_linear_(module: nn.Linear, std: float = 0.02) -> None:

@@ -19,6 +19,7 @@ from kvlab.attention.base import (
     PLAIN_LINEARS,
     KVStructure,
     Linears,
+    StepPosition,
     register,
     register_preset,
 )
@@ -272,19 +273,15 @@ class ContextAttention(KVStructure):
             self._update(state, pos, T, new_ctx, k_new, v_new, h_end)
         return y, None
 
-    def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:
-        """One token per sequence, x (B, C) at `pos`: forward's cached path for T = 1 without its mask
-        (`context_decode.gathered_step`); a compiled step runs `decode_static` instead."""
-        if torch.compiler.is_compiling():
-            return static_step(self, x, pos, state, linear)
-        return gathered_step(self, x, pos, state, linear)
-
-    def decode_static(
-        self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS
+    def decode(
+        self, x: torch.Tensor, at: StepPosition, state, linear: Linears = PLAIN_LINEARS
     ) -> torch.Tensor:
-        """`decode` with shapes and control flow that do not depend on pos (`context_decode.static_step`):
-        one compiled graph for every position."""
-        return static_step(self, x, pos, state, linear)
+        """One token per sequence, x (B, C) at `at`: forward's cached path for T = 1 without its mask
+        (`context_decode.gathered_step`). A compiled or static step runs `context_decode.static_step`,
+        whose shapes and control flow do not depend on the position."""
+        if at.static or torch.compiler.is_compiling():
+            return static_step(self, x, at.tensor(x.device), state, linear, end=at.end)
+        return gathered_step(self, x, at.pos, state, linear)
 
     def _gate(self, which: str) -> _GRUWeights:
         """The ContextBlock's input ("ih") or hidden ("hh") weights as a layer that `Linears` can hold."""

@@ -76,8 +76,9 @@ def gathered_step(layer, x: torch.Tensor, pos: int, state, linear: Linears) -> t
     return y
 
 
-def static_step(layer, x: torch.Tensor, pos: int, state, linear: Linears) -> torch.Tensor:
-    """`gathered_step` with shapes and control flow that do not depend on pos, for a compiled step.
+def static_step(layer, x: torch.Tensor, t: torch.Tensor, state, linear: Linears, end: int) -> torch.Tensor:
+    """`gathered_step` with shapes and control flow that do not depend on the position, t (1,) int64
+    (positions below `end` index the RoPE tables), for a compiled or static step.
 
     It attends over the whole slot ring, the whole raw ring and the new token, with a mask of the
     entries the query may read, computed from pos as a tensor: ring entry j holds the latest chunk
@@ -91,10 +92,9 @@ def static_step(layer, x: torch.Tensor, pos: int, state, linear: Linears) -> tor
     interval, H_kv, D = layer.interval, layer.n_kv_heads, layer.head_dim
     n_slots, n_raw = state.slots.shape[1], state.raw_k.shape[2]
     dtype, device = x.dtype, x.device
-    t = torch.arange(pos, pos + 1, device=device)  # (1,): pos as a tensor
     chunk_t, offset_t = t // interval, t % interval
     kv = linear(layer.kv_proj, x).view(B, 2, H_kv, 1, D)  # (B, 2, H_kv, 1, D)
-    k_new = kv[:, 0] if layer.rotary is None else layer.rotary(kv[:, 0], pos)  # post-RoPE
+    k_new = kv[:, 0] if layer.rotary is None else layer.rotary.at(kv[:, 0], t, end=end)  # post-RoPE
     v_new = kv[:, 1]
     keys, values, masks = [], [], []
     if n_slots:  # ring entry j: chunk id chunk - 1 - ((chunk - 1 - j) mod n_slots), valid if >= 0
@@ -103,7 +103,7 @@ def static_step(layer, x: torch.Tensor, pos: int, state, linear: Linears) -> tor
         slot_kv = linear(layer.slot_kv_proj, layer.context_norm(ctx)).view(B, n_slots, 2, H_kv, D)
         slot_k, slot_v = slot_kv.permute(2, 0, 3, 1, 4)  # (B, H_kv, n_slots, D) each
         if layer.rotary is not None:  # at the last position of its chunk (< pos for a valid slot)
-            slot_k = layer.rotary.at(slot_k, ((ids + 1) * interval - 1).clamp(min=0), end=pos + 1)
+            slot_k = layer.rotary.at(slot_k, ((ids + 1) * interval - 1).clamp(min=0), end=end)
         keys.append(slot_k)
         values.append(slot_v)
         masks.append(ids >= 0)
@@ -118,7 +118,7 @@ def static_step(layer, x: torch.Tensor, pos: int, state, linear: Linears) -> tor
     masks.append(torch.ones(1, dtype=torch.bool, device=device))
     q = linear(layer.q_proj, x).view(B, layer.n_head, 1, D)  # (B, H, 1, D)
     if layer.rotary is not None:
-        q = layer.rotary(q, pos)
+        q = layer.rotary.at(q, t, end=end)
     y = F.scaled_dot_product_attention(
         q.view(B, H_kv, -1, D),
         torch.cat(keys, dim=2),

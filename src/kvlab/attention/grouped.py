@@ -18,6 +18,7 @@ from kvlab.attention.base import (
     KVStructure,
     Linears,
     Payload,
+    StepPosition,
     TensorState,
     causal_attention,
     decode_attention,
@@ -75,27 +76,29 @@ class GroupedAttention(KVStructure):
         y = causal_attention(q, k, v, pos, dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:
-        """One token per sequence, x (B, C): write its K/V at `pos` (owner), attend over 0..pos in place.
+    def decode(
+        self, x: torch.Tensor, at: StepPosition, state, linear: Linears = PLAIN_LINEARS
+    ) -> torch.Tensor:
+        """One token per sequence, x (B, C): write its K/V at `at` (owner), attend over 0..pos in place.
 
         The arithmetic of forward's cached path without its Python layers (payload tuple, state read and
-        write loops, module calls) and without widening the whole cache when the dtypes already agree;
-        each KV head's G query heads are folded onto the query axis so every cached KV head is read once
-        (no mask: a step sees every key).
+        write loops, module calls); each KV head's G query heads are folded onto the query axis so every
+        cached KV head is read once (no mask: a step sees every key, or a static step masks the rest).
         """
         B = x.shape[0]
         H_kv, D = self.n_kv_heads, self.head_dim
         k_buf, v_buf = state.tensors["k"], state.tensors["v"]  # (B, H_kv, max_len, D)
         if self.owns_kv:
             kv = linear(self.kv_proj, x).view(B, 2, H_kv, 1, D)  # (B, 2, H_kv, 1, D)
-            k = kv[:, 0] if self.rotary is None else self.rotary(kv[:, 0], pos)  # cached post-RoPE
-            k_buf[:, :, pos : pos + 1].copy_(k)
-            v_buf[:, :, pos : pos + 1].copy_(kv[:, 1])
+            k = kv[:, 0] if self.rotary is None else at.rope(self.rotary, kv[:, 0])  # cached post-RoPE
+            at.write(k_buf, 2, k)
+            at.write(v_buf, 2, kv[:, 1])
         q = linear(self.q_proj, x).view(B, self.n_head, 1, D)  # (B, H, 1, D)
         if self.rotary is not None:
-            q = self.rotary(q, pos)
-        k, v = k_buf[:, :, : pos + 1], v_buf[:, :, : pos + 1]  # (B, H_kv, pos + 1, D) views
-        y = decode_attention(q.view(B, H_kv, -1, D), k, v)  # (B, H_kv, G, D), in attend_dtype
+            q = at.rope(self.rotary, q)
+        k, v = at.held(k_buf, 2), at.held(v_buf, 2)  # (B, H_kv, S, D) views
+        mask = at.mask(k.shape[2], x.device)
+        y = decode_attention(q.view(B, H_kv, -1, D), k, v, mask=mask)  # (B, H_kv, G, D), in attend_dtype
         return linear(self.c_proj, y.reshape(B, self.n_embd))
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> float:

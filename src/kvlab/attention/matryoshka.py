@@ -21,6 +21,7 @@ from kvlab.attention.base import (
     PLAIN_LINEARS,
     Linears,
     Payload,
+    StepPosition,
     TensorState,
     causal_attention,
     decode_attention,
@@ -222,7 +223,9 @@ class MatryoshkaAttention(GroupedAttention):
         y = y.reshape(B, self.n_head, T, D)  # (B, H, T, D)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, at: StepPosition, state, linear: Linears = PLAIN_LINEARS
+    ) -> torch.Tensor:
         """One token per sequence, x (B, C): `project_kv` + `attend` for T = 1 without the payload tuple.
 
         Writes each rank group's coefficients of the new K/V at `pos`, then per group: the query absorbs
@@ -236,20 +239,21 @@ class MatryoshkaAttention(GroupedAttention):
         groups = self.rank_groups()
         held = state.tensors
         kv = linear(self.kv_proj, x).view(B, 2, H_kv, 1, D)  # (B, 2, H_kv, 1, D)
-        k = kv[:, 0] if self.rotary is None else self.rotary(kv[:, 0], pos)  # post-RoPE
+        k = kv[:, 0] if self.rotary is None else at.rope(self.rotary, kv[:, 0])  # post-RoPE
         c_k, c_v = self._full_coefficients(k, kv[:, 1], u_k, u_v)  # (B, H_kv, 1, D) each
         q = linear(self.q_proj, x).view(B, self.n_head, 1, D)  # (B, H, 1, D)
         if self.rotary is not None:
-            q = self.rotary(q, pos)
+            q = at.rope(self.rotary, q)
         q = q.view(B, H_kv, -1, D)  # (B, H_kv, G, D)
         y = None
         for g, (r_k, r_v, heads) in enumerate(groups):
             k_buf, v_buf = held[f"k{g}"], held[f"v{g}"]  # (B, n, max_len, r_k), (B, n, max_len, r_v)
-            k_buf[:, :, pos : pos + 1].copy_(_heads(c_k, heads)[..., :r_k])
-            v_buf[:, :, pos : pos + 1].copy_(_heads(c_v, heads)[..., :r_v])
+            at.write(k_buf, 2, _heads(c_k, heads)[..., :r_k])
+            at.write(v_buf, 2, _heads(c_v, heads)[..., :r_v])
             q_g = _heads(q, heads) @ _heads(u_k, heads, 0)[..., :r_k]  # (B, n, G, r_k)
-            c_kg, c_vg = k_buf[:, :, : pos + 1], v_buf[:, :, : pos + 1]
-            o = decode_attention(q_g, c_kg, c_vg, scale=D**-0.5)  # (B, n, G, r_v), in attend_dtype
+            c_kg, c_vg = at.held(k_buf, 2), at.held(v_buf, 2)
+            mask = at.mask(c_kg.shape[2], x.device)
+            o = decode_attention(q_g, c_kg, c_vg, scale=D**-0.5, mask=mask)  # (B, n, G, r_v), attend_dtype
             u_vr = _heads(u_v, heads, 0)[..., :r_v].transpose(-1, -2)  # (n, r_v, D)
             out = o @ u_vr + _heads(self.v_mean, heads, 0)[:, None, :]  # (B, n, G, D)
             if len(groups) == 1:

@@ -18,6 +18,7 @@ from kvlab.attention.base import (
     KVStructure,
     Linears,
     Payload,
+    StepPosition,
     TensorState,
     attend_dtype,
     causal_attention,
@@ -250,16 +251,20 @@ class LatentAttention(KVStructure):
             y = y + b_v[None, :, None, :]
         return y
 
-    def decode(self, x: torch.Tensor, pos: int, state, linear: Linears = PLAIN_LINEARS) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, at: StepPosition, state, linear: Linears = PLAIN_LINEARS
+    ) -> torch.Tensor:
         """One token per sequence, x (B, C): the absorbed path of `attend` in (B, H, width) tensors.
 
-        The owner writes c_kv ++ k_rope at `pos` of the one latent buffer; every head then scores and mixes
+        The owner writes c_kv ++ k_rope at `at` of the one latent buffer; every head then scores and mixes
         the latent in place (`_latent_step`). W_UK and W_UV stay views of kv_b's weight: folding W_UK into
         the query projection would make q_b H * kv_rank wide instead of H * head_dim (4x the bytes at
-        kv_rank = 4 head_dim) and a batch-1 step is bound by the bytes it reads.
+        kv_rank = 4 head_dim) and a batch-1 step is bound by the bytes it reads. Per-head RoPE keys, or
+        absorb=False, take forward's path (no static step).
         """
-        if self.rope_heads > 1 or not self.use_absorbed(pos, 1):
-            return super().decode(x, pos, state, linear)
+        absorbed = self.absorb is not False if at.static else self.use_absorbed(at.pos, 1)
+        if self.rope_heads > 1 or not absorbed:
+            return super().decode(x, at, state, linear)
         B = x.shape[0]
         H, hd, rd, r = self.n_head, self.head_dim, self.rope_dim, self.kv_rank
         buf = state.tensors["latent"]  # (B, max_len, r + rd)
@@ -267,10 +272,8 @@ class LatentAttention(KVStructure):
             c_kv, k_rope = linear(self.kv_a, x).split([r, rd], dim=-1)  # (B, r), (B, rd)
             if self.kv_norm is not None:
                 c_kv = _rms_norm(self.kv_norm, c_kv)
-            # slices, not buf[:, pos]: an integer index makes torch.compile specialise on pos (a recompile
-            # per step); a slice keeps pos symbolic
-            buf[:, pos : pos + 1, :r].copy_(c_kv[:, None])
-            buf[:, pos : pos + 1, r:].copy_(self._rope(k_rope.view(B, 1, rd), pos))  # post-RoPE
+            k_rope = at.rope(self.decoupled_rope, k_rope.view(B, 1, rd))  # post-RoPE, (B, 1, rd)
+            at.write(buf, 1, torch.cat([c_kv[:, None], k_rope.to(c_kv.dtype)], dim=-1))
         if self.q_rank:
             q = linear(self.q_b, _rms_norm(self.q_norm, linear(self.q_a, x)))
         else:
@@ -279,11 +282,14 @@ class LatentAttention(KVStructure):
         q_nope, q_rope = q.split([hd, rd], dim=-1)  # (B, H, hd), (B, H, rd)
         w_uk, w_uv = self._up_weights()  # (H, hd, r) each
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # (B, H, r)
-        q = torch.cat([q_latent, self._rope(q_rope.view(B, H, 1, rd), pos).view(B, H, rd)], dim=-1)
-        latent = buf[:, : pos + 1]  # (B, S, r + rd), a view
+        q = torch.cat(
+            [q_latent, at.rope(self.decoupled_rope, q_rope.view(B, H, 1, rd)).view(B, H, rd)], dim=-1
+        )
+        latent = at.held(buf, 1)  # (B, S, r + rd), a view
+        mask = at.mask(latent.shape[1], x.device)
         dt = attend_dtype(latent.dtype, q.dtype, q.device)  # a narrower cache is read in its own dtype
         latent = latent.to(dt)
-        o = _latent_step(q.to(dt), latent, latent[..., :r], (hd + rd) ** -0.5).to(q.dtype)  # (B, H, r)
+        o = _latent_step(q.to(dt), latent, latent[..., :r], (hd + rd) ** -0.5, mask).to(q.dtype)  # (B, H, r)
         y = torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # (B, H, hd)
         if self.kv_b.bias is not None:
             y = y + self.kv_b.bias.view(H, 2 * hd)[:, hd:]  # b_V (sum of the probabilities is 1)
@@ -301,15 +307,20 @@ class LatentAttention(KVStructure):
         return self.kv_rank / (self.head_dim + self.rope_dim)
 
 
-def _latent_step(q: torch.Tensor, latent: torch.Tensor, c_kv: torch.Tensor, scale: float) -> torch.Tensor:
+def _latent_step(
+    q: torch.Tensor, latent: torch.Tensor, c_kv: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """One decode step of absorbed MLA: q (B, H, r + rd) over every held latent (B, S, r + rd), values
     c_kv (B, S, r) -> (B, H, r). All H heads read the one latent head: two GEMMs over the cache in place.
+    `mask` (S,): True where the latent holds a token (a static step reads the whole buffer).
 
     The scores are computed as latent @ q^T, (B, S, H): MKL streams the cache rows against H query
     columns about 1.3x faster than q @ latent^T at S = 4096 (benchmarks/README.md), and SDPA's CPU kernels
     would take their math path here (value width r != key width r + rd).
     """
     scores = torch.matmul(latent, q.transpose(1, 2))  # (B, S, H)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores.transpose(1, 2) * scale, dim=-1, dtype=torch.float32)  # (B, H, S)
     return torch.bmm(probs.to(latent.dtype), c_kv)  # (B, H, r)
 
