@@ -167,7 +167,7 @@ def run_contained(
 ) -> Outcome:
     """Run one attention file's job (build, forward, metrics, [train], [generation]) contained.
 
-    job_options reach the child's job (child.run_job): resume (continue the run's checkpoint), evaluate
+    job_options reach the child's job (child_job.run_job): resume (continue the run's checkpoint), evaluate
     (kvlab.eval.evaluate's inputs, resolved by the caller: kvlab.bench.files), weights (a model.safetensors
     to evaluate instead of training), declare_only (build and report the declared figures, nothing else).
     """
