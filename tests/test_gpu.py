@@ -131,3 +131,21 @@ def test_static_decode_runs_as_cuda_graphs(name):
     torch.testing.assert_close(outs[1], outs[0], rtol=0.05, atol=0.05)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
+
+
+@pytest.mark.parametrize("name", ["mha", "matryoshka-mixed"])
+def test_training_step_does_not_wait_for_the_host(name):
+    """A training forward + backward launches without a device-host sync: Matryoshka's Cayley solve skips
+    linalg.solve's error check and its rank masks are cached (copied from pinned memory when rebuilt)."""
+    import torch.nn.functional as F
+
+    model = GPT(tiny_config(VARIANTS[name])).cuda().train()
+    idx = torch.randint(0, model.config.vocab_size, (2, 33), device="cuda")
+    model(idx[:, :-1])  # warm-up: RoPE tables, masks, kernels, the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits = model(idx[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -302,6 +302,26 @@ def test_projections_train_and_stay_orthogonal():
             torch.testing.assert_close(u.transpose(1, 2) @ u, torch.eye(D).expand(2, D, D), atol=1e-5, rtol=0)
 
 
+def test_rank_masks_follow_the_ranks_and_serve_training_after_inference():
+    """The training path's rank masks are cached per ranks: a change of ranks (a sampler's draw) rebuilds
+    them, and masks first built under inference_mode can be saved for a later backward."""
+    cfg = tiny_config(AttentionConfig(kind="matryoshka", n_kv_heads=2, ranks=3))
+    model = GPT(cfg).train()
+    idx = torch.randint(0, 97, (2, 12))
+    model(idx)  # builds the masks for ranks 3
+    set_ranks(model, k=[[5, 2]] * 4, v=[[1, 8]] * 4)
+    with torch.inference_mode():
+        model(idx)  # rebuilds them for the new ranks, under inference mode
+    fresh = GPT(dataclasses.replace(cfg, attention=cfg.attention.replace(k_ranks=[5, 2], v_ranks=[1, 8])))
+    fresh.load_state_dict(model.state_dict())
+    logits = model(idx)
+    torch.testing.assert_close(logits, fresh.train()(idx), rtol=0, atol=0)
+    logits.sum().backward()  # reuses those masks: they were made outside inference mode
+    attn = matryoshka_layers(model)[0][1]
+    expected = torch.tensor([[[1.0] * 5 + [0.0] * 3, [1.0] * 2 + [0.0] * 6], [[1.0] + [0.0] * 7, [1.0] * 8]])
+    torch.testing.assert_close(attn._rank_masks(idx.device, torch.float32), expected)
+
+
 def test_inference_reuses_bases_only_until_a_parameter_changes():
     model = GPT(tiny_config(AttentionConfig(kind="matryoshka", v_ranks=[2, 3, 4, 5]))).eval()
     idx = torch.randint(0, 97, (1, 10))

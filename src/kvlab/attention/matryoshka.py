@@ -45,7 +45,9 @@ def cayley(skew_param: torch.Tensor) -> torch.Tensor:
     w = skew_param.float()
     a = w - w.transpose(-1, -2)
     eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype).expand_as(a)
-    return torch.linalg.solve(eye - a, eye + a)
+    # solve_ex without its error check: I - A is never singular, and linalg.solve's check reads the
+    # factorisation's status on the host, a device sync per layer per training step on a GPU
+    return torch.linalg.solve_ex(eye - a, eye + a, check_errors=False)[0]
 
 
 class MatryoshkaState(TensorState):
@@ -97,6 +99,7 @@ class MatryoshkaAttention(GroupedAttention):
         self.k_mean = nn.Parameter(torch.zeros(H, D))  # mean-centring before projection (seed 003)
         self.v_mean = nn.Parameter(torch.zeros(H, D))
         self._bases_cache: tuple | None = None  # (parameter versions, (U_k, U_v)) for inference
+        self._masks: tuple | None = None  # (ranks, device, dtype), (2, H_kv, D) masks: `_rank_masks`
 
     # ---- configuration --------------------------------------------------------------------------
     @classmethod
@@ -281,16 +284,34 @@ class MatryoshkaAttention(GroupedAttention):
         different ranks need no loop, which matters when a trainer samples ranks every step.
         """
         B, T, C = x.shape
-        D = self.head_dim
-        cols = torch.arange(D, device=x.device)
-        k_mask = (cols < torch.tensor(self.k_ranks, device=x.device)[:, None]).to(c_k.dtype)  # (H_kv, D)
-        v_mask = (cols < torch.tensor(self.v_ranks, device=x.device)[:, None]).to(c_v.dtype)
+        k_mask, v_mask = self._rank_masks(x.device, c_k.dtype)  # (H_kv, D) each
         # (B, H_kv, T, D): zero the dropped columns, rotate back, re-add the mean.
         k_hat = (c_k * k_mask[:, None, :]) @ u_k.transpose(-1, -2) + self.k_mean[:, None, :]
         v_hat = (c_v * v_mask[:, None, :]) @ u_v.transpose(-1, -2) + self.v_mean[:, None, :]
         q = self.queries(x, 0)  # (B, H, T, D): the full forward starts at 0
         y = causal_attention(q, k_hat, v_hat, 0, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # y: (B, H, T, D)
+
+    def _rank_masks(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(2, H_kv, D): 1 where a column is inside the head's K (row 0) or V (row 1) rank, else 0.
+
+        Rebuilt only when the ranks change (a rank sampler draws new ones per step), and copied to a GPU
+        from pinned memory without blocking: a plain torch.tensor(ranks, device="cuda") waits for the
+        stream, once per layer per training step."""
+        key = (tuple(self.k_ranks), tuple(self.v_ranks), device, dtype)
+        if torch.compiler.is_compiling() or self._masks is None or self._masks[0] != key:
+            if torch.compiler.is_compiling():
+                return self._build_masks(device, dtype)
+            # built outside inference mode, so masks first made while evaluating also serve training
+            with torch.inference_mode(False), torch.no_grad():
+                self._masks = (key, self._build_masks(device, dtype))
+        return self._masks[1]
+
+    def _build_masks(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        ranks = torch.tensor([self.k_ranks, self.v_ranks])  # (2, H_kv), host
+        if device.type == "cuda" and not torch.compiler.is_compiling():
+            ranks = ranks.pin_memory().to(device, non_blocking=True)
+        return (torch.arange(self.head_dim, device=device) < ranks.to(device)[..., None]).to(dtype)
 
     def forward(self, x: torch.Tensor, pos: int = 0, state=None, kv: Payload | None = None):
         if state is None:
