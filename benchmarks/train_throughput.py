@@ -256,9 +256,9 @@ def main() -> None:
     for r in rows:
         kvb = f"{r['kv_bytes_per_token']:.0f}" if r["kv_bytes_per_token"] is not None else "-"
         rel = f"{r['tokens_per_s'] / ref:.2f}" if ref else "-"
+        vs_nano, vs_hf = (f"{v:.2f}" if v else "-" for v in (r["vs_nanogpt"], r["vs_hf_gpt2"]))
         print(f"{r['model']:<20} {r['params_M']:>10.2f} {kvb:>9} {r['ms_per_step']:>9.1f} "
-              f"{r['tokens_per_s']:>9.0f} {rel:>7} {r['vs_nanogpt'] or 0:>10.2f} "
-              f"{r['vs_hf_gpt2'] or 0:>6.2f}")  # fmt: skip
+              f"{r['tokens_per_s']:>9.0f} {rel:>7} {vs_nano:>10} {vs_hf:>6}")  # fmt: skip
     targets = {}
     if ref and nano:
         targets["mha_vs_nanogpt"] = {"ratio": ref / nano, "target": 1.2, "met": ref / nano >= 1.2}

@@ -172,34 +172,39 @@ class ContextAttention(KVStructure):
         """Run the ContextBlock over x (positions pos..pos+T-1), continuing the chunk in progress from h0.
 
         Returns (contexts of the chunks completed in this call (B, n_done, d), recurrent state of the
-        chunk still in progress (B, d), zeros when the call ends on a chunk boundary). All chunks run in
-        parallel; the loop is over the `interval` offsets inside a chunk, the same cell the cached path
-        runs token by token.
+        chunk still in progress (B, d), zeros when the call ends on a chunk boundary). The GRU runs as one
+        fused recurrent op (`torch.gru`: cuDNN on a GPU, its input projections batched over every token)
+        with the chunks as its batch, each restarting from zero; the chunk in progress at pos goes first,
+        from h0. It is the same cell the cached path runs token by token.
         """
         B, T, C = x.shape
-        interval, offset = self.interval, pos % self.interval
-        n_chunks = -(-(offset + T) // interval)
-        xp = F.pad(x, (0, 0, offset, n_chunks * interval - offset - T))  # (B, n_chunks * I, C)
-        xp = xp.view(B, n_chunks, interval, C)  # (B, n_chunks, I, C)
-        h = x.new_zeros(B, n_chunks, self.context_dim)  # (B, n_chunks, d)
-        if h0 is not None and offset > 0:
-            h = torch.cat([h0.to(x.dtype)[:, None], h[:, 1:]], dim=1)
-        for i in range(interval):
-            # Chunk c runs step i when its call-relative offset c * interval + i lies in [offset, offset + T):
-            # a contiguous range of chunks, found in Python (no tensor mask, no host-device copy per step).
-            first, last = max(0, -(-(offset - i) // interval)), (offset + T - 1 - i) // interval
-            if last < first:
-                continue
-            h_new = self.context_block(
-                xp[:, :, i].reshape(B * n_chunks, C), h.reshape(B * n_chunks, self.context_dim)
-            ).view(B, n_chunks, self.context_dim)
-            if first == 0 and last == n_chunks - 1:
-                h = h_new
+        d, interval, offset = self.context_dim, self.interval, pos % self.interval
+        contexts, h_end, start = [], x.new_zeros(B, d), 0
+        if offset:  # the chunk in progress: its remaining tokens, continued from h0
+            start = min(T, interval - offset)
+            h = h0.to(x.dtype) if h0 is not None else x.new_zeros(B, d)
+            states = self._gru(x[:, :start], h)  # (B, start, d)
+            if offset + start == interval:
+                contexts.append(states[:, -1:])
             else:
-                h = torch.cat([h[:, :first], h_new[:, first : last + 1], h[:, last + 1 :]], dim=1)
-        n_done = (offset + T) // interval
-        h_end = h[:, n_done] if n_done < n_chunks else x.new_zeros(B, self.context_dim)
-        return h[:, :n_done], h_end
+                h_end = states[:, -1]
+        rest = T - start
+        if rest > 0:  # whole chunks from zero, the last one padded at its end (its later states unused)
+            n_chunks, tail = -(-rest // interval), rest % interval
+            xr = F.pad(x[:, start:], (0, 0, 0, n_chunks * interval - rest))  # (B, n_chunks * I, C)
+            states = self._gru(xr.reshape(B * n_chunks, interval, C), x.new_zeros(B * n_chunks, d))
+            states = states.view(B, n_chunks, interval, d)
+            contexts.append(states[:, : rest // interval, -1])
+            if tail:
+                h_end = states[:, -1, tail - 1]
+        return (torch.cat(contexts, dim=1) if contexts else x.new_zeros(B, 0, d)), h_end
+
+    def _gru(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The ContextBlock over sequences x (N, L, C) from states h (N, d): every state, (N, L, d)."""
+        cell = self.context_block
+        weights = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+        # torch.gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        return torch.gru(x, h[None], weights, True, 1, 0.0, self.training, False, True)[0]
 
     # ---- attention ------------------------------------------------------------------------------
     def _mask(self, pos: int, T: int, slot_ids: torch.Tensor, raw_pos: torch.Tensor) -> torch.Tensor:
