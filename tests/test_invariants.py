@@ -166,6 +166,29 @@ def test_static_decoder_steps_match_full_forward(name, family):
     assert cache.pos == T
 
 
+@pytest.mark.parametrize("name", ["gqa", "mla", "matryoshka-mixed", "context-4"])
+def test_static_step_marks_what_it_reads_in_place(name):
+    """What CUDA graphs must read where it is (Decoder.mark_static, run before the first graphed step):
+    every cache tensor, the position, the weight table and the RoPE tables / cached bases modules hold."""
+    model = _model(name, "llama")  # built outside inference mode, as a trained model is
+    with torch.inference_mode():
+        cache = model.new_cache(batch_size=2, max_len=12, dtype=torch.float32)
+        decoder = Decoder(model, static=True)
+        model(torch.randint(0, model.config.vocab_size, (2, 5)), cache=cache)
+        decoder.step(torch.zeros(2, 1, dtype=torch.long), cache)  # the eager first step fills the tables
+        decoder.mark_static(cache)
+    marked = lambda t: getattr(t, "_dynamo_static_input_type", None) == "unguarded"  # noqa: E731
+    held = [t for s in cache.states if s is not None for t in getattr(s, "tensors", vars(s)).values()]
+    assert held and all(marked(t) for t in held)
+    assert marked(decoder._pos)
+    assert decoder.linear.table and all(marked(w_t) for w_t, _ in decoder.linear.table.values())
+    attn = model.blocks[0].attn
+    rope = attn.decoupled_rope if attn.kind == "mla" else attn.rotary
+    assert rope._tables and all(marked(t) for pair in rope._tables.values() for t in pair)
+    if attn.kind == "matryoshka":
+        assert all(marked(u) for u in attn._bases_cache[1])  # the bases the eager step solved
+
+
 def test_static_decoding_needs_a_kvlab_gpt():
     with pytest.raises(StaticDecodeError, match="static decoding needs a kvlab GPT"):
         Decoder(torch.nn.Linear(2, 2), static=True)

@@ -96,8 +96,6 @@ class Decoder:
             self._compiled = torch.compile(self._forward, dynamic=True)
         self._pos = torch.zeros(1, dtype=torch.long, device=weight.device)  # a static step's position
         self._static_caches: weakref.WeakSet[KVCache] = weakref.WeakSet()  # caches marked for CUDA graphs
-        if self._graphs:
-            torch._dynamo.mark_static_address(self._pos)  # written in place before every replay
 
     def check(self, cache: KVCache, batch_size: int) -> None:
         """Once per generation: the cache belongs to this model and has room (step() checks only room)."""
@@ -118,31 +116,45 @@ class Decoder:
         pos: int | torch.Tensor = cache.pos
         if self.static:
             pos = self._pos.fill_(cache.pos)
-            if self._graphs and cache not in self._static_caches:
-                self._mark_static(cache)
+        graphed = self._graphs and self._step is self._compiled
+        if graphed and cache not in self._static_caches:
+            self.mark_static(cache)
         try:
-            if self._graphs and self._step is self._compiled:
+            if graphed:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = self._step(token.view(-1), cache.states, pos, cache.max_len)
         finally:
             if self._no_onednn:
                 torch._C._set_mkldnn_enabled(onednn)
-        if self._graphs and self._step is self._compiled:
+        if graphed:
             logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
         if self._compiled is not None:
             self._step = self._compiled
         cache.advance(1)
         return logits
 
-    def _mark_static(self, cache: KVCache) -> None:
-        """CUDA graphs copy inputs into their own buffers unless the input's address is static: the cache's
-        tensors are written in place every step, so they must be read where they are."""
+    def mark_static(self, cache: KVCache) -> None:
+        """Mark every tensor a step reads in place as a static address, so CUDA graphs read it where it is
+        instead of copying it into the graph's own input buffers at every replay: the cache's tensors
+        (written in place every step), the step's position, the weight table's views and the plain tensor
+        attributes modules keep (RoPE tables, Matryoshka's cached bases and masks). Parameters are
+        static already. Called before the first graphed step with a cache (after the eager first step
+        has filled the weight table and the RoPE tables)."""
+        tensors = [self._pos]
         for state in cache.states:
-            tensors = getattr(state, "tensors", None)
-            held = tensors.values() if tensors is not None else vars(state).values() if state else ()
-            for t in held:
-                if isinstance(t, torch.Tensor):
-                    torch._dynamo.mark_static_address(t)
+            if state is not None:
+                tensors += _tensors_in(getattr(state, "tensors", None) or vars(state))
+        for w_t, bias in self.linear.table.values():
+            tensors += [w_t, bias]
+        for module in self.model.modules():
+            attrs = {
+                k: v for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")
+            }
+            tensors += _tensors_in(attrs)
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                # unguarded: a new cache's addresses re-record the graphs instead of recompiling the step
+                torch._dynamo.mark_static_address(t, guard=False)
         self._static_caches.add(cache)
 
     def _forward(
@@ -169,3 +181,21 @@ class Decoder:
         h = linear(mlp.c_fc, x)
         h = mlp.act(linear(mlp.c_gate, x)) * h if mlp.c_gate is not None else mlp.act(h)
         return linear(mlp.c_proj, h)
+
+
+def _tensors_in(value, depth: int = 4) -> list[torch.Tensor]:
+    """The tensors inside value: itself, or inside its tuples, lists, dicts and plain objects' attributes
+    (e.g. a Rotary's tables), `depth` levels down; never into modules (model.modules() visits those)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth == 0 or isinstance(value, (nn.Module, type, str, bytes, int, float, bool, type(None))):
+        return []
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (tuple, list, set, frozenset)):
+        items = list(value)
+    elif hasattr(value, "__dict__"):
+        items = list(vars(value).values())
+    else:
+        return []
+    return [t for item in items for t in _tensors_in(item, depth - 1)]
