@@ -242,6 +242,10 @@ def test_cli_generate_and_one_line_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     expected = generate(model, torch.tensor([[1, 2, 3]]), 4).tokens[0, 3:].tolist()
     assert out.splitlines()[0] == ",".join(map(str, expected))
+    assert (
+        main(["generate", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--static"]) == 0
+    )
+    assert capsys.readouterr().out.splitlines()[0] == ",".join(map(str, expected))  # the static step's tokens
     argv = ["generate", str(tmp_path), "--prompt-ids", "1,2,3", "--prompt-ids", "4", "--max-new-tokens", "4"]
     assert main(argv) == 0  # a batch of two prompts of different lengths
     lines = capsys.readouterr().out.splitlines()

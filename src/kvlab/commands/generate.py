@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         eos_token=eos,
         seed=args.seed,
         compile=args.compile,
+        static=args.static,
     )
     for i, (ids, row) in enumerate(zip(prompts, result.sequences())):
         new = row[len(ids) :]
@@ -102,5 +103,11 @@ def register(sub) -> None:
         action="store_true",
         help="compile the one-token decode step with torch.compile (the first steps pay the compilation; "
         "worth it on GPUs and long generations, not on a CPU: see benchmarks/README.md)",
+    )
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="static decode steps (the whole cache read with a mask, the position a tensor): with "
+        "--compile on a GPU they run as CUDA graphs, as gpt-fast; slower on a CPU",
     )
     p.set_defaults(func=run)
