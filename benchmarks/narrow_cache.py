@@ -2,7 +2,7 @@
 
 A cache narrower than the compute (a bf16 cache under a float32 model, or autocast's float32 residual
 stream) can be read two ways: convert every held key and value to float32 each step, or convert the one
-query down and attend in the cache's dtype (kvlab.attention.base.attend_dtype; the devices in
+query down and attend in the cache's dtype (kvlab.attention.step.attend_dtype; the devices in
 WIDENING_DEVICES widen). This times `decode_attention`, the op every structure's decode step reads its
 cache through, in the cache layout of the device (`kv_buffer`: (D, S)-major on the CPU), for one
 query token per sequence, n_head query heads over H_kv KV heads of head_dim D:
@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-import kvlab.attention.base as base
+import kvlab.attention.step as step
+from kvlab.attention.base import kv_buffer
 from kvlab.checkpoint import environment_info
 
 CLOCK = [time.perf_counter]
@@ -103,23 +104,23 @@ def main(argv=None) -> int:
     names = [m[0] for m in modes(device)]
     print(f"{'H_kv':>4} {'context':>7} " + " ".join(f"{n:>24}" for n in names))
     rows = []
-    saved = base.WIDENING_DEVICES
+    saved = step.WIDENING_DEVICES
     try:
         for h_kv in args.kv_heads:
             for S in args.contexts:
                 q = torch.randn(B, h_kv, H // h_kv, D, device=device)
                 caches = {}
                 for dt in (torch.float32, torch.bfloat16):
-                    k = base.kv_buffer((B, h_kv, S, D), device, dt)
-                    v = base.kv_buffer((B, h_kv, S, D), device, dt)
+                    k = kv_buffer((B, h_kv, S, D), device, dt)
+                    v = kv_buffer((B, h_kv, S, D), device, dt)
                     caches[dt] = (k.normal_(), v.normal_())
                 row = {"kv_heads": h_kv, "context": S, "ms": {}}
                 for name, widening, onednn, dt in modes(device):
-                    base.WIDENING_DEVICES = widening
+                    step.WIDENING_DEVICES = widening
                     k, v = caches[dt]
                     with torch.backends.mkldnn.flags(enabled=onednn):
                         row["ms"][name] = best_ms(
-                            lambda q=q, k=k, v=v: base.decode_attention(q, k, v),
+                            lambda q=q, k=k, v=v: step.decode_attention(q, k, v),
                             device,
                             args.steps,
                             args.rounds,
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{h_kv:>4} {S:>7} " + " ".join(f"{row['ms'][n]:>24.3f}" for n in names), flush=True)
     finally:
-        base.WIDENING_DEVICES = saved
+        step.WIDENING_DEVICES = saved
     commit = (env["git_commit"] or "nocommit")[:7]
     out = Path(args.out or Path(__file__).parent / "results" / f"narrow_cache_{device.type}_{commit}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kvlab.attention.base as attention_base
+import kvlab.attention.step as attention_step
 from kvlab import GPT
 from kvlab.attention.base import StaticDecodeError
 from kvlab.cache import CacheError
@@ -107,7 +107,7 @@ def test_narrow_cache_is_attended_in_its_dtype(name, widen, monkeypatch):
     resolution; where it widens (the CPU), the whole cache is converted, which is what the first half
     detects. Context-KV gathers its bounded window per step and widens that; it is not counted."""
     if not widen:
-        monkeypatch.setattr(attention_base, "WIDENING_DEVICES", frozenset())
+        monkeypatch.setattr(attention_step, "WIDENING_DEVICES", frozenset())
     model = _model(name)
     B, T, t0 = 2, 48, 40
     idx = torch.randint(0, model.config.vocab_size, (B, T))
