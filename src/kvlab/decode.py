@@ -17,15 +17,17 @@ check Decoder.step == GPT.forward for every structure and family.
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 
 import torch
 import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 from kvlab.attention.base import Linears, StaticDecodeError, StaticPosition, StepPosition
 from kvlab.cache import CacheError, KVCache
-from kvlab.model import GPT
+from kvlab.model import _CACHED_SDPA_BACKENDS, GPT
 
 
 class DecodeLinears(Linears):
@@ -87,7 +89,8 @@ class Decoder:
         self._structure = model._structure_key()
         # The first step runs eagerly (it fills the weight table, which compiled code then reads as fixed).
         self._step = self._forward
-        self._graphs = compile and static and weight.device.type == "cuda"
+        self._cuda = weight.device.type == "cuda"
+        self._graphs = compile and static and self._cuda
         self._compiled = None
         if compile and static:
             mode = "reduce-overhead" if self._graphs else None
@@ -119,10 +122,13 @@ class Decoder:
         graphed = self._graphs and self._step is self._compiled
         if graphed and cache not in self._static_caches:
             self.mark_static(cache)
+        # On CUDA the step keeps GPT.forward's SDPA backends: cuDNN's would build a plan per key length.
+        backends = sdpa_kernel(_CACHED_SDPA_BACKENDS) if self._cuda else nullcontext()
         try:
             if graphed:
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = self._step(token.view(-1), cache.states, pos, cache.max_len)
+            with backends:
+                logits = self._step(token.view(-1), cache.states, pos, cache.max_len)
         finally:
             if self._no_onednn:
                 torch._C._set_mkldnn_enabled(onednn)
