@@ -189,6 +189,31 @@ def test_static_step_marks_what_it_reads_in_place(name):
         assert all(marked(u) for u in attn._bases_cache[1])  # the bases the eager step solved
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gqa", "matryoshka-mixed"])
+def test_graphed_step_bookkeeping_runs_compiled(name):
+    """The CUDA-graph step's bookkeeping (static marks on the cache and tables, a step boundary per call,
+    the logits cloned) around the compiled static step, on the CPU where inductor makes no graphs: the
+    tokens are the eager ones and the marks cause no recompile across steps or a second cache."""
+    from torch._dynamo.utils import counters
+
+    model = _model(name)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6))
+    eager = generate(model, prompt, max_new_tokens=10).tokens
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = Decoder(model, compile=True, static=True)
+    decoder._graphs = True  # what a CUDA model sets; mode stays inductor's default here
+    with torch.inference_mode():
+        for _ in range(2):  # a second cache: new addresses, unguarded marks
+            cache = model.new_cache(batch_size=1, max_len=16, dtype=torch.float32)
+            out = [prompt, model(prompt, cache=cache)[:, -1:].argmax(-1)]
+            for _ in range(9):
+                out.append(decoder.step(out[-1], cache).argmax(-1, keepdim=True))
+            assert torch.equal(torch.cat(out, dim=1), eager)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_static_decoding_needs_a_kvlab_gpt():
     with pytest.raises(StaticDecodeError, match="static decoding needs a kvlab GPT"):
         Decoder(torch.nn.Linear(2, 2), static=True)
