@@ -8,8 +8,12 @@ roofline is (roofline step time) / (measured step time), 1.0 meaning the step ru
 
 - weight bytes: every distinct parameter tensor a step reads (the tied embedding counts once, as the LM
   head reads it whole), less the learned-position table, of which a step reads one row;
-- KV bytes read: model.kv_cache_bytes(batch, context), the analytic bytes of a cache holding `context`
-  tokens (checked equal to the measured cache bytes);
+- KV bytes read: every layer reads the cache it attends over, its own or its owner's (CLA / MLKV
+  borrowers read the owner's again: a layer's queries need the layer before, so the two reads cannot be
+  fused), i.e. the sum over layers of the owner's analytic cache bytes at `context` tokens. For
+  structures without sharing this is model.kv_cache_bytes(batch, context) (checked equal to the
+  measured cache bytes), which is what this script used before 2026-12-01 for every structure,
+  undercounting CLA's and MLKV's reads (`kv_bytes_stored` in the JSON keeps that figure);
 - bandwidth: best of several `dst.copy_(src)` of a buffer larger than the last-level cache, counted as
   bytes read + bytes written (STREAM's "copy"), in the same process and thread count.
 
@@ -111,6 +115,12 @@ def weight_bytes(model: GPT) -> int:
     return total
 
 
+def kv_bytes_read(model: GPT, batch: int, tokens: int, dtype: torch.dtype) -> int:
+    """Cache bytes one decode step reads: each layer reads its owner's cache (itself, unless it borrows)."""
+    blocks = model.blocks
+    return sum(blocks[owner].attn.cache_bytes(batch, tokens, dtype) for owner in model.owners)
+
+
 def _git_dirty() -> bool | None:
     """True when tracked files differ from the recorded commit (then the numbers are not that commit's)."""
     try:
@@ -161,13 +171,14 @@ class Run:
 
     def row(self, steps: int, bandwidth: float) -> dict:
         sec = min(self.rounds_s)  # the best round: other processes on shared cores only ever slow a step
-        kv_read = self.model.kv_cache_bytes(
-            self.batch, self.held + len(self.rounds_s) * steps // 2, self.dtype
-        )
-        roof = (self.w_bytes + kv_read) / bandwidth  # kv_read: the mean tokens held while timed
+        held = self.held + len(self.rounds_s) * steps // 2  # the mean tokens held while timed
+        stored = self.model.kv_cache_bytes(self.batch, held, self.dtype)
+        kv_read = kv_bytes_read(self.model, self.batch, held, self.dtype)
+        roof = (self.w_bytes + kv_read) / bandwidth
         return {
             "context": self.held, "step_ms": sec * 1e3, "tokens_per_s": self.batch / sec,
-            "weight_bytes": self.w_bytes, "kv_bytes_read": kv_read, "roofline_ms": roof * 1e3,
+            "weight_bytes": self.w_bytes, "kv_bytes_read": kv_read, "kv_bytes_stored": stored,
+            "roofline_ms": roof * 1e3,
             "roofline_fraction": roof / sec, "round_ms": [t * 1e3 for t in self.rounds_s],
         }  # fmt: skip
 
