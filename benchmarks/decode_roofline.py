@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch._dynamo
+from _setup import allow_many_compiled_models, threads_and_clock
 
 import kvlab
 from kvlab import GPT, ModelConfig
@@ -272,15 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     if args.compile:
-        # Every model compiles the same code object (Decoder._forward / GPT.forward): past dynamo's
-        # default of 8 graphs per code object the later structures would silently run eagerly.
-        torch._dynamo.config.recompile_limit = 64
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "cpu":
-        if torch.get_num_threads() != 1 or args.device != "cpu":
-            p.error("--clock cpu measures one CPU thread: add --threads 1 (and run on the CPU)")
-        CLOCK[0] = time.process_time
+        allow_many_compiled_models()
+    CLOCK[0] = threads_and_clock(p, args)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch._dynamo
+from _setup import allow_many_compiled_models, threads_and_clock
 
 from kvlab import GPT, ModelConfig
 from kvlab.checkpoint import environment_info
@@ -283,17 +283,10 @@ def main(argv=None) -> int:
     p.add_argument("--hf-rounds", type=int, default=5)
     args = p.parse_args(argv)
     if args.compile:
-        # Every model compiles the same code object (Decoder._forward / GPT.forward): past dynamo's
-        # default of 8 graphs per code object the later structures would silently run eagerly.
-        torch._dynamo.config.recompile_limit = 64
+        allow_many_compiled_models()
     if args.quick:
         args.new_tokens = 8
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "cpu":
-        if torch.get_num_threads() != 1 or args.device != "cpu":
-            p.error("--clock cpu measures one CPU thread: add --threads 1 (and run on the CPU)")
-        CLOCK[0] = time.process_time
+    CLOCK[0] = threads_and_clock(p, args)
     torch.manual_seed(0)
     env = environment_info()
     env["processor"] = platform.processor() or platform.machine()

@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _setup import threads_and_clock
 
 import kvlab.attention.step as step
 from kvlab.attention.base import kv_buffer
@@ -87,12 +88,7 @@ def main(argv=None) -> int:
         "--out", default=None, help="JSON path (default: results/narrow_cache_<dev>_<commit>.json)"
     )
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "cpu":
-        if torch.get_num_threads() != 1 or args.device != "cpu":
-            p.error("--clock cpu measures one CPU thread: add --threads 1 (and run on the CPU)")
-        CLOCK[0] = time.process_time
+    CLOCK[0] = threads_and_clock(p, args)
     device = torch.device(args.device)
     env = environment_info() | {"threads": torch.get_num_threads()}
     # glibc's malloc tunables: a widened cache is a fresh (B H_kv S D) float32 buffer per step, and whether

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
+from _setup import allow_many_compiled_models
 
 from kvlab import GPT, ModelConfig
 from kvlab.checkpoint import environment_info
@@ -157,9 +157,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON path (default results/train_throughput_<dev>_<commit>)")
     args = p.parse_args()
     if args.compile:
-        # Every model compiles the same code object (Decoder._forward / GPT.forward): past dynamo's
-        # default of 8 graphs per code object the later structures would silently run eagerly.
-        torch._dynamo.config.recompile_limit = 64
+        allow_many_compiled_models()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
