@@ -298,20 +298,20 @@ class MatryoshkaAttention(GroupedAttention):
         Rebuilt only when the ranks change (a rank sampler draws new ones per step), and copied to a GPU
         from pinned memory without blocking: a plain torch.tensor(ranks, device="cuda") waits for the
         stream, once per layer per training step."""
+        if torch.compiler.is_compiling():  # a traced graph builds them itself (ranks are constants there)
+            return _column_masks(
+                torch.tensor([self.k_ranks, self.v_ranks], device=device), self.head_dim, dtype
+            )
         key = (tuple(self.k_ranks), tuple(self.v_ranks), device, dtype)
-        if torch.compiler.is_compiling() or self._masks is None or self._masks[0] != key:
-            if torch.compiler.is_compiling():
-                return self._build_masks(device, dtype)
+        if self._masks is None or self._masks[0] != key:
+            ranks = torch.tensor([self.k_ranks, self.v_ranks])  # (2, H_kv), host
+            if device.type == "cuda":
+                ranks = ranks.pin_memory()
             # built outside inference mode, so masks first made while evaluating also serve training
             with torch.inference_mode(False), torch.no_grad():
-                self._masks = (key, self._build_masks(device, dtype))
+                ranks = ranks.to(device, non_blocking=True)
+                self._masks = (key, _column_masks(ranks, self.head_dim, dtype))
         return self._masks[1]
-
-    def _build_masks(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        ranks = torch.tensor([self.k_ranks, self.v_ranks])  # (2, H_kv), host
-        if device.type == "cuda" and not torch.compiler.is_compiling():
-            ranks = ranks.pin_memory().to(device, non_blocking=True)
-        return (torch.arange(self.head_dim, device=device) < ranks.to(device)[..., None]).to(dtype)
 
     def forward(self, x: torch.Tensor, pos: int = 0, state=None, kv: Payload | None = None):
         if state is None:
@@ -321,6 +321,11 @@ class MatryoshkaAttention(GroupedAttention):
             return self._attend_masked(x, c_k, c_v, u_k, u_v), self._group_payload(c_k, c_v)
         self._check_state(state)
         return super().forward(x, pos=pos, state=state, kv=kv)
+
+
+def _column_masks(ranks: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """ranks (..., n) -> (..., n, width): 1 in the first `rank` columns, else 0."""
+    return (torch.arange(width, device=ranks.device) < ranks[..., None]).to(dtype)
 
 
 def _heads(t: torch.Tensor, heads: list[int], dim: int = 1) -> torch.Tensor:
