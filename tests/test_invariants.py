@@ -252,6 +252,27 @@ def test_compiled_decoder_matches_eager(name, static):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # static: fullgraph, no breaks
 
 
+@pytest.mark.slow  # torch.compile of the step
+@pytest.mark.parametrize("name", ["gqa", "mla"])
+@torch.inference_mode()
+def test_compiled_decoder_does_not_recompile_as_rope_tables_grow(name):
+    """RoPE's cos/sin tables grow by doubling as positions pass their length (64, 128, ...). The compiled
+    step must not be where they grow: a traced growth guards on the table's size and specialises on the
+    position it happened at, so every doubling recompiled the step (and enough of them reached dynamo's
+    recompile limit, after which the step ran eagerly without a word). The Decoder reserves the tables
+    for the whole cache before its compiled steps; here the generation crosses the 64-entry boundary."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = GPT(tiny_config(VARIANTS[name], **dict(FAMILIES["llama"], block_size=160))).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 58))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(model, prompt, max_new_tokens=80, compile=True)  # first: the tables are 64 long
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert torch.equal(compiled.tokens, generate(model, prompt, max_new_tokens=80).tokens)
+
+
 @pytest.mark.parametrize("name", IDS)
 @torch.inference_mode()
 def test_chunked_prefill_matches_full_forward(name):

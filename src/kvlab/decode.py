@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from kvlab.attention.base import Linears, StaticDecodeError, StaticPosition, StepPosition
+from kvlab.attention.rope import Rotary
 from kvlab.cache import CacheError, KVCache
 from kvlab.model import _CACHED_SDPA_BACKENDS, GPT
 
@@ -98,6 +99,9 @@ class Decoder:
         elif compile:
             self._compiled = torch.compile(self._forward, dynamic=True)
         self._pos = torch.zeros(1, dtype=torch.long, device=weight.device)  # a static step's position
+        # RoPE tables, grown to a cache's max_len before compiled steps use it (`_reserve_rope`)
+        self._rotaries = [v for m in model.modules() for v in vars(m).values() if isinstance(v, Rotary)]
+        self._rope_len = 0
         self._static_caches: weakref.WeakSet[KVCache] = weakref.WeakSet()  # caches marked for CUDA graphs
 
     def check(self, cache: KVCache, batch_size: int) -> None:
@@ -116,6 +120,8 @@ class Decoder:
         if self._no_onednn:
             onednn = torch._C._get_mkldnn_enabled()
             torch._C._set_mkldnn_enabled(False)
+        if self._step is self._compiled and cache.max_len > self._rope_len:
+            self._reserve_rope(cache.max_len)
         pos: int | torch.Tensor = cache.pos
         if self.static:
             pos = self._pos.fill_(cache.pos)
@@ -134,10 +140,19 @@ class Decoder:
                 torch._C._set_mkldnn_enabled(onednn)
         if graphed:
             logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
-        if self._compiled is not None:
+        if self._compiled is not None and self._step is not self._compiled:
+            self._reserve_rope(cache.max_len)  # the eager step has built the tables in the step's dtypes
             self._step = self._compiled
         cache.advance(1)
         return logits
+
+    def _reserve_rope(self, max_len: int) -> None:
+        """Grow every RoPE table to max_len positions, outside the compiled step: a table that grew inside
+        it would recompile the step at each doubling of the position (64, 128, ...) and soon reach dynamo's
+        recompile limit, after which the step silently runs eagerly."""
+        for rotary in self._rotaries:
+            rotary.reserve(max_len)
+        self._rope_len = max(self._rope_len, max_len)
 
     def mark_static(self, cache: KVCache) -> None:
         """Mark every tensor a step reads in place as a static address, so CUDA graphs read it where it is

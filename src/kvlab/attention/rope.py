@@ -87,6 +87,13 @@ class Rotary:
             self._tables[(device, dtype)] = held
         return held
 
+    def reserve(self, end: int) -> None:
+        """Grow each table held (every device and dtype used so far) to cover positions 0..end-1, so later
+        calls up to `end` only slice it. A compiled decode step must not be where a table grows: the traced
+        growth guards on the table's size and specialises on the position, recompiling at each doubling."""
+        for device, dtype in list(self._tables):
+            self.tables(end, device, dtype)
+
     def __getstate__(self) -> dict:  # copies and pickles (deepcopy of a model) rebuild their tables
         return {**self.__dict__, "_tables": {}}
 
