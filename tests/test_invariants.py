@@ -273,6 +273,26 @@ def test_compiled_decoder_does_not_recompile_as_rope_tables_grow(name):
     assert torch.equal(compiled.tokens, generate(model, prompt, max_new_tokens=80).tokens)
 
 
+@pytest.mark.slow  # torch.compile of the step
+@pytest.mark.parametrize("name", ["gqa", "context-4"])
+@torch.inference_mode()
+def test_compiled_decoder_is_one_graph_for_a_ragged_batch(name):
+    """A ragged batch starts decoding at its shortest prompt, here before Context-KV's first slot is
+    complete, so the first (eager) step skips the ContextBlock and never puts its linears in the weight
+    table. The compiled step guards on that table; it is filled with every Linear before the compiled
+    steps take over, so the block's first use does not recompile."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = _model(name)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,)) for n in (2, 9, 5)]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(model, prompts, max_new_tokens=20, compile=True)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert compiled.sequences() == generate(model, prompts, max_new_tokens=20).sequences()
+
+
 @pytest.mark.parametrize("name", IDS)
 @torch.inference_mode()
 def test_chunked_prefill_matches_full_forward(name):

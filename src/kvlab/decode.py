@@ -39,13 +39,21 @@ class DecodeLinears(Linears):
         self.relayout = relayout
         self.table: dict[object, tuple[torch.Tensor, torch.Tensor | None]] = {}  # layer -> (W^T, bias)
 
-    def _held(self, layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _held(self, layer, relayout: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         held = self.table.get(layer)
         if held is None:
             w = layer.weight.detach()
-            w_t = w.t().contiguous() if self.relayout and w.shape[0] > w.shape[1] else w.t()
-            held = self.table[layer] = (w_t, layer.bias)
+            copy = relayout and self.relayout and w.shape[0] > w.shape[1]
+            held = self.table[layer] = (w.t().contiguous() if copy else w.t(), layer.bias)
         return held
+
+    def hold_all(self, model: nn.Module) -> None:
+        """Put every Linear of model in the table, as a view of its weight where the steps so far have not
+        used it (no copy: MLA's kv_b, for one, is read only through views of its weight). A compiled step
+        guards on the table, so a Linear first used inside it would recompile the step."""
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                self._held(module, relayout=False)
 
     def weight(self, layer) -> torch.Tensor:
         return self._held(layer)[0].t()  # (out, in), strided as the copy
@@ -142,6 +150,8 @@ class Decoder:
             logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
         if self._compiled is not None and self._step is not self._compiled:
             self._reserve_rope(cache.max_len)  # the eager step has built the tables in the step's dtypes
+            # including the Linears the eager step skipped (Context-KV's ContextBlock before a slot is full)
+            self.linear.hold_all(model)
             self._step = self._compiled
         cache.advance(1)
         return logits
