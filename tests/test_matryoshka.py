@@ -303,8 +303,8 @@ def test_projections_train_and_stay_orthogonal():
 
 
 def test_rank_masks_follow_the_ranks_and_serve_training_after_inference():
-    """The training path's rank masks are cached per ranks: a change of ranks (a sampler's draw) rebuilds
-    them, and masks first built under inference_mode can be saved for a later backward."""
+    """The training path's rank masks follow a change of ranks (a sampler's draw), also one made under
+    inference_mode, and the ranks set there serve a later backward."""
     cfg = tiny_config(AttentionConfig(kind="matryoshka", n_kv_heads=2, ranks=3))
     model = GPT(cfg).train()
     idx = torch.randint(0, 97, (2, 12))
@@ -319,7 +319,10 @@ def test_rank_masks_follow_the_ranks_and_serve_training_after_inference():
     logits.sum().backward()  # reuses those masks: they were made outside inference mode
     attn = matryoshka_layers(model)[0][1]
     expected = torch.tensor([[[1.0] * 5 + [0.0] * 3, [1.0] * 2 + [0.0] * 6], [[1.0] + [0.0] * 7, [1.0] * 8]])
-    torch.testing.assert_close(attn._rank_masks(idx.device, torch.float32), expected)
+    torch.testing.assert_close(attn._rank_masks(torch.float32), expected)
+    assert attn.rank_table.tolist() == [[5, 2], [1, 8]]
+    attn.v_ranks[0] = 3  # in place, past the setter (kvlab.search does this): an eager forward sees it
+    assert attn._rank_masks(torch.float32)[1, 0].tolist() == [1.0] * 3 + [0.0] * 5
 
 
 def test_inference_reuses_bases_only_until_a_parameter_changes():
@@ -365,3 +368,33 @@ def test_save_model_writes_the_live_ranks(tmp_path):
     idx = torch.randint(0, 97, (2, 12))
     with torch.inference_mode():
         torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
+
+
+@pytest.mark.slow  # torch.compile of a training forward and backward
+def test_compiled_training_forward_is_one_graph_under_a_rank_sampler():
+    """Seed 003 draws new ranks every step. The training path reads them as a tensor (`rank_table`),
+    so a compiled forward does not guard on them: one graph for every draw (it used to recompile every
+    step until dynamo's recompile limit, then run eagerly), with the eager losses and gradients."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = GPT(tiny_config(AttentionConfig(kind="matryoshka", k_ranks=[8, 3, 5, 1], v_ranks=[2, 8, 4, 6])))
+    compiled = torch.compile(model)
+    idx = torch.randint(0, 97, (2, 16))
+    generator = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    counters.clear()
+    seen = set()
+    for _ in range(4):
+        draw = sample_ranks_(model, generator)
+        seen.add(str(draw))
+        for forward in (model, compiled):
+            model.zero_grad()
+            loss = forward(idx).float().logsumexp(-1).mean()
+            loss.backward()
+            if forward is model:
+                eager = (loss.detach(), model.blocks[0].attn.v_mean.grad.clone())
+        torch.testing.assert_close(loss.detach(), eager[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.blocks[0].attn.v_mean.grad, eager[1], rtol=1e-4, atol=1e-6)
+    assert len(seen) == 4
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -90,6 +90,11 @@ class MatryoshkaAttention(GroupedAttention):
     def __init__(self, cfg: AttentionConfig, model_cfg: ModelConfig, layer_idx: int, owns_kv: bool):
         super().__init__(cfg, model_cfg, layer_idx, owns_kv)
         H, D = self.n_kv_heads, self.head_dim
+        # The ranks as a (K/V, H_kv) tensor, written whenever they are set (`k_ranks`, `v_ranks`): the
+        # training path's column masks are computed from it in the graph, so a compiled forward reads
+        # the ranks as data and a rank sampler's draw per step does not recompile it. Not persistent:
+        # checkpoints carry the ranks in the config (`ranks_config`).
+        self.register_buffer("rank_table", torch.zeros(2, H, dtype=torch.long), persistent=False)
         self.k_ranks, self.v_ranks = _config_ranks(cfg, H, D)
         # Persistent buffer: a PCA-initialised basis is part of the model and must survive save/load.
         self.register_buffer("k_base", torch.eye(D).repeat(H, 1, 1))  # (H_kv, D, D)
@@ -99,7 +104,45 @@ class MatryoshkaAttention(GroupedAttention):
         self.k_mean = nn.Parameter(torch.zeros(H, D))  # mean-centring before projection (seed 003)
         self.v_mean = nn.Parameter(torch.zeros(H, D))
         self._bases_cache: tuple | None = None  # (parameter versions, (U_k, U_v)) for inference
-        self._masks: tuple | None = None  # (ranks, device, dtype), (2, H_kv, D) masks: `_rank_masks`
+
+    @property
+    def k_ranks(self) -> list[int]:
+        """K rank per KV head (Python ints: the cache layout and the cached path's shapes)."""
+        return self._k_ranks
+
+    @k_ranks.setter
+    def k_ranks(self, ranks: Sequence[int]) -> None:
+        self._k_ranks = [int(r) for r in ranks]
+        if hasattr(self, "_v_ranks"):
+            self._write_rank_table()
+
+    @property
+    def v_ranks(self) -> list[int]:
+        """V rank per KV head."""
+        return self._v_ranks
+
+    @v_ranks.setter
+    def v_ranks(self, ranks: Sequence[int]) -> None:
+        self._v_ranks = [int(r) for r in ranks]
+        self._write_rank_table()
+
+    def _write_rank_table(self) -> None:
+        """Copy the ranks into rank_table, to a GPU from pinned memory without blocking (a plain copy from
+        pageable memory waits for the stream: once per layer per step under a rank sampler)."""
+        self._table_ranks = (tuple(self._k_ranks), tuple(self._v_ranks))
+        host = torch.tensor(self._table_ranks, dtype=torch.long)  # (2, H_kv)
+        table = self.rank_table
+        if table.device.type == "cuda":
+            host = host.pin_memory()
+        with torch.no_grad():
+            table.copy_(host, non_blocking=table.device.type == "cuda")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # A model built on the meta device and loaded with assign=True (kvlab.checkpoint, the HF import)
+        # gets real parameters but keeps its non-persistent buffer on meta: rebuild it beside them.
+        if self.rank_table.is_meta and not self.k_mean.is_meta:
+            self.rank_table = torch.tensor([self.k_ranks, self.v_ranks], device=self.k_mean.device)
 
     # ---- configuration --------------------------------------------------------------------------
     @classmethod
@@ -284,7 +327,7 @@ class MatryoshkaAttention(GroupedAttention):
         different ranks need no loop, which matters when a trainer samples ranks every step.
         """
         B, T, C = x.shape
-        k_mask, v_mask = self._rank_masks(x.device, c_k.dtype)  # (H_kv, D) each
+        k_mask, v_mask = self._rank_masks(c_k.dtype)  # (H_kv, D) each
         # (B, H_kv, T, D): zero the dropped columns, rotate back, re-add the mean.
         k_hat = (c_k * k_mask[:, None, :]) @ u_k.transpose(-1, -2) + self.k_mean[:, None, :]
         v_hat = (c_v * v_mask[:, None, :]) @ u_v.transpose(-1, -2) + self.v_mean[:, None, :]
@@ -292,33 +335,26 @@ class MatryoshkaAttention(GroupedAttention):
         y = causal_attention(q, k_hat, v_hat, 0, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # y: (B, H, T, D)
 
-    def _rank_masks(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _rank_masks(self, dtype: torch.dtype) -> torch.Tensor:
         """(2, H_kv, D): 1 where a column is inside the head's K (row 0) or V (row 1) rank, else 0.
 
-        Rebuilt only when the ranks change (a rank sampler draws new ones per step), and copied to a GPU
-        from pinned memory without blocking: a plain torch.tensor(ranks, device="cuda") waits for the
-        stream, once per layer per training step."""
-        if torch.compiler.is_compiling():  # a traced graph builds them itself (ranks are constants there)
-            return _column_masks(
-                torch.tensor([self.k_ranks, self.v_ranks], device=device), self.head_dim, dtype
-            )
-        key = (tuple(self.k_ranks), tuple(self.v_ranks), device, dtype)
-        if self._masks is None or self._masks[0] != key:
-            ranks = torch.tensor([self.k_ranks, self.v_ranks])  # (2, H_kv), host
-            if device.type == "cuda":
-                ranks = ranks.pin_memory()
-            # built outside inference mode, so masks first made while evaluating also serve training
-            with torch.inference_mode(False), torch.no_grad():
-                ranks = ranks.to(device, non_blocking=True)
-                self._masks = (key, _column_masks(ranks, self.head_dim, dtype))
-        return self._masks[1]
+        Computed from `rank_table` in the step itself (two small ops per layer): no host copy, and a
+        compiled forward sees the ranks as a tensor, not as constants it would guard on. Eagerly, a rank
+        list changed in place (`attn.k_ranks[h] = r`, which the setters do not see) is written first; a
+        compiled forward trusts the table, which every assignment of k_ranks / v_ranks keeps current."""
+        if not torch.compiler.is_compiling() and self._table_ranks != (
+            tuple(self._k_ranks),
+            tuple(self._v_ranks),
+        ):
+            self._write_rank_table()
+        return _column_masks(self.rank_table, self.head_dim, dtype)
 
     def forward(self, x: torch.Tensor, pos: int = 0, state=None, kv: Payload | None = None):
-        if state is None:
+        if state is None:  # no payload for borrowers: no layer can read this one's (kv_share_unsupported)
             u_k, u_v = self.bases()
             k, v = super().project_kv(x, pos)  # (B, H_kv, T, D) each
             c_k, c_v = self._full_coefficients(k, v, u_k, u_v)  # (B, H_kv, T, D) each
-            return self._attend_masked(x, c_k, c_v, u_k, u_v), self._group_payload(c_k, c_v)
+            return self._attend_masked(x, c_k, c_v, u_k, u_v), None
         self._check_state(state)
         return super().forward(x, pos=pos, state=state, kv=kv)
 
