@@ -348,6 +348,26 @@ def test_init_from_and_trainable(data_dir, pattern_run, tmp_path):
     assert all(moved)  # every trainable tensor took steps
 
 
+@pytest.mark.slow  # torch.compile of a training forward and backward
+def test_compiled_training_is_one_graph_with_rope_and_a_rank_sampler(data_dir, tmp_path):
+    """train.compile=true on a Llama-family Matryoshka model whose ranks seed 003's sampler draws every
+    step: the forward compiles once. The RoPE tables are built before it (one built inside the first
+    compiled call recompiled the second), and the ranks reach the graph as a tensor, not as constants."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from kvlab.attention.matryoshka import RankSampler
+
+    cfg = tiny_model(family="llama", attention="matryoshka-8", bias=False)
+    target = {"k": [[8] * 4] * 2, "v": [[8] * 4] * 2}
+    torch._dynamo.reset()
+    counters.clear()
+    run = train(cfg, tiny_train(max_iters=4, eval_interval=4, compile=True), data_dir, tmp_path / "c",
+                hooks=[RankSampler(target, choices=[2, 4, 6, 8])], progress=False)  # fmt: skip
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert math.isfinite(read_metrics(run)[-1]["val_loss"])
+
+
 # ---- presets and CLI ---------------------------------------------------------------------------
 def test_train_presets():
     g = train_preset("gpt2-124m")

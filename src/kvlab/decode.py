@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from kvlab.attention.base import Linears, StaticDecodeError, StaticPosition, StepPosition
-from kvlab.attention.rope import Rotary
+from kvlab.attention.rope import rotaries
 from kvlab.cache import CacheError, KVCache
 from kvlab.model import _CACHED_SDPA_BACKENDS, GPT
 
@@ -108,7 +108,7 @@ class Decoder:
             self._compiled = torch.compile(self._forward, dynamic=True)
         self._pos = torch.zeros(1, dtype=torch.long, device=weight.device)  # a static step's position
         # RoPE tables, grown to a cache's max_len before compiled steps use it (`_reserve_rope`)
-        self._rotaries = [v for m in model.modules() for v in vars(m).values() if isinstance(v, Rotary)]
+        self._rotaries = rotaries(model)
         self._rope_len = 0
         self._static_caches: weakref.WeakSet[KVCache] = weakref.WeakSet()  # caches marked for CUDA graphs
 

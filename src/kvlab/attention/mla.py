@@ -328,6 +328,8 @@ def _latent_step(
 class _PairRotary(Rotary):
     """RoPE at a chosen subset of the model's frequency pairs (rotate-half layout over the kept pairs)."""
 
+    tabled = False  # computed per call (`at`)
+
     def __init__(self, model_rotary: Rotary, pairs: list[int]):
         super().__init__(2 * len(pairs), model_rotary.theta, model_rotary.scaling)
         self.model_dim, self.pairs = model_rotary.dim, list(pairs)

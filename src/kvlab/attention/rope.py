@@ -64,6 +64,8 @@ class Rotary:
     position).
     """
 
+    tabled = True  # the calls read the cached tables (a subclass that computes per call says False)
+
     def __init__(self, dim: int, theta: float, scaling: dict[str, Any] | None = None):
         self.dim, self.theta, self.scaling = dim, theta, scaling
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -117,3 +119,16 @@ class Rotary:
             return apply_rope(x, cos, sin)
         rot, rest = x[..., : self.dim], x[..., self.dim :]
         return torch.cat([apply_rope(rot, cos, sin), rest], dim=-1)
+
+
+def rotaries(model) -> list[Rotary]:
+    """Every Rotary held by a module of model (each layer has its own; MLA's decoupled key too)."""
+    return [v for m in model.modules() for v in vars(m).values() if isinstance(v, Rotary) and v.tabled]
+
+
+def reserve_rope(model, length: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Build every Rotary table of model for positions 0..length-1 on (device, dtype) now, before a
+    compiled forward: a table first built inside it makes the next call recompile (the tables it guards
+    on were empty when it was traced)."""
+    for rotary in rotaries(model):
+        rotary.tables(length, torch.device(device), dtype)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from kvlab.attention.rope import reserve_rope
 from kvlab.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
@@ -264,6 +265,9 @@ def _train(
 
     raw_model = model
     if cfg.compile:
+        # RoPE tables first built inside the compiled forward would recompile it at the next call
+        dtype = next(raw_model.parameters()).dtype if amp_dtype == "float32" else torch.bfloat16  # autocast
+        reserve_rope(raw_model, T, device, dtype)
         model = torch.compile(model)
     if ctx.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
