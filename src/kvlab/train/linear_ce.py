@@ -1,8 +1,8 @@
 """Next-token cross-entropy through the LM head without materialising the logits (CPU training).
 
 `linear_cross_entropy(h, W, targets)` == F.cross_entropy(h @ W^T, targets) (mean over tokens): the rows
-go through the head in chunks of about 4 MiB of logits, and each chunk's gradients (softmax - onehot)
-are formed while it is still in cache. At the cpu-tiny shape (2048 tokens x 8192 vocabulary per
+go through the head in chunks (`chunk_rows`: about 2 x the hidden width), and each chunk's gradients
+(softmax - onehot) are formed right after its logits. At the cpu-tiny shape (2048 tokens x 8192 vocabulary per
 micro-batch) the unfused path writes and re-reads 64 MiB logits, log-probabilities and their
 gradients and spends about a quarter of a training step there; this does the same three GEMMs and one
 exp per logit (benchmarks/README.md, training). The gradients are computed in the forward (a scalar
@@ -14,7 +14,20 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK_BYTES = 4 << 20  # logits per chunk: the CPU's L2/L3, measured flat between 1 and 8 MiB
+# Logits per chunk: at least 4 MiB and at most 256 MiB of them, else 2 x the hidden width in rows.
+_MIN_CHUNK_BYTES, _MAX_CHUNK_BYTES = 4 << 20, 256 << 20
+
+
+def chunk_rows(n_embd: int, vocab_size: int) -> int:
+    """Rows of h per chunk. Each chunk reads the (V, C) head twice and read-modify-writes its gradient
+    (~12 V C bytes, once per chunk), while its own logits cost ~16 V bytes per row wherever they live;
+    with rows ~ 2C the head's share per row falls below the logits'. A fixed 4 MiB of logits was 20 rows
+    at GPT-2's vocabulary: the 154 MiB head was re-read every 20 rows, 1.5x slower than unfused logits +
+    F.cross_entropy at SmolLM2's shape (benchmarks/README.md, training). Measured on the 2-core EPYC VM,
+    float32, 2048 rows: 2C was at or near the best chunk for C = 128..768, V = 8192..50304."""
+    row_bytes = 4 * vocab_size
+    rows = min(2 * n_embd, _MAX_CHUNK_BYTES // row_bytes)
+    return max(rows, _MIN_CHUNK_BYTES // row_bytes, 1)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -25,7 +38,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         total = h.new_zeros(())
-        rows = max(1, _CHUNK_BYTES // (4 * V))
+        rows = chunk_rows(h.shape[1], V)
         for start in range(0, N, rows):
             h_c, t_c = h[start : start + rows], targets[start : start + rows, None]  # (n, C), (n, 1)
             logits = torch.mm(h_c, weight.t())  # (n, V)
