@@ -150,8 +150,7 @@ class Decoder:
             logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
         if self._compiled is not None and self._step is not self._compiled:
             self._reserve_rope(cache.max_len)  # the eager step has built the tables in the step's dtypes
-            # including the Linears the eager step skipped (Context-KV's ContextBlock before a slot is full)
-            self.linear.hold_all(model)
+            self.linear.hold_all(model)  # also the Linears it skipped (Context-KV's block before a slot)
             self._step = self._compiled
         cache.advance(1)
         return logits

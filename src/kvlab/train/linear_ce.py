@@ -2,8 +2,8 @@
 
 `linear_cross_entropy(h, W, targets)` == F.cross_entropy(h @ W^T, targets) (mean over tokens): the rows
 go through the head in chunks (`chunk_rows`: about 2 x the hidden width), and each chunk's gradients
-(softmax - onehot) are formed right after its logits. At the cpu-tiny shape (2048 tokens x 8192 vocabulary per
-micro-batch) the unfused path writes and re-reads 64 MiB logits, log-probabilities and their
+(softmax - onehot) are formed right after its logits. At the cpu-tiny shape (2048 tokens x 8192
+vocabulary per micro-batch) the unfused path writes and re-reads 64 MiB logits, log-probabilities and their
 gradients and spends about a quarter of a training step there; this does the same three GEMMs and one
 exp per logit (benchmarks/README.md, training). The gradients are computed in the forward (a scalar
 loss has one upstream gradient, applied in backward), so peak memory holds grad(h) and grad(W) instead of
@@ -22,9 +22,9 @@ def chunk_rows(n_embd: int, vocab_size: int) -> int:
     """Rows of h per chunk. Each chunk reads the (V, C) head twice and read-modify-writes its gradient
     (~12 V C bytes, once per chunk), while its own logits cost ~16 V bytes per row wherever they live;
     with rows ~ 2C the head's share per row falls below the logits'. A fixed 4 MiB of logits was 20 rows
-    at GPT-2's vocabulary: the 154 MiB head was re-read every 20 rows, 1.5x slower than unfused logits +
-    F.cross_entropy at SmolLM2's shape (benchmarks/README.md, training). Measured on the 2-core EPYC VM,
-    float32, 2048 rows: 2C was at or near the best chunk for C = 128..768, V = 8192..50304."""
+    at GPT-2's vocabulary: its 147 MiB head was re-read every 20 rows, and at SmolLM2's shape the fused
+    loss was 1.5x slower than logits + F.cross_entropy (benchmarks/README.md, training). Measured on the
+    2-core EPYC VM, float32, 2048 rows: 2C was at or near the best chunk for C = 128..768, V = 8192..50304."""
     row_bytes = 4 * vocab_size
     rows = min(2 * n_embd, _MAX_CHUNK_BYTES // row_bytes)
     return max(rows, _MIN_CHUNK_BYTES // row_bytes, 1)
