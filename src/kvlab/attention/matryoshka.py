@@ -95,7 +95,8 @@ class MatryoshkaAttention(GroupedAttention):
         # the ranks as data and a rank sampler's draw per step does not recompile it. Not persistent:
         # checkpoints carry the ranks in the config (`ranks_config`).
         self.register_buffer("rank_table", torch.zeros(2, H, dtype=torch.long), persistent=False)
-        self.k_ranks, self.v_ranks = _config_ranks(cfg, H, D)
+        self._k_ranks, self._v_ranks = _config_ranks(cfg, H, D)
+        self._write_rank_table()
         # Persistent buffer: a PCA-initialised basis is part of the model and must survive save/load.
         self.register_buffer("k_base", torch.eye(D).repeat(H, 1, 1))  # (H_kv, D, D)
         self.register_buffer("v_base", torch.eye(D).repeat(H, 1, 1))  # (H_kv, D, D)
@@ -113,8 +114,7 @@ class MatryoshkaAttention(GroupedAttention):
     @k_ranks.setter
     def k_ranks(self, ranks: Sequence[int]) -> None:
         self._k_ranks = [int(r) for r in ranks]
-        if hasattr(self, "_v_ranks"):
-            self._write_rank_table()
+        self._write_rank_table()
 
     @property
     def v_ranks(self) -> list[int]:
