@@ -32,13 +32,12 @@ def chunk_rows(n_embd: int, vocab_size: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        N, V = h.shape[0], weight.shape[0]
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        N = h.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         total = h.new_zeros(())
-        rows = chunk_rows(h.shape[1], V)
         for start in range(0, N, rows):
             h_c, t_c = h[start : start + rows], targets[start : start + rows, None]  # (n, C), (n, 1)
             logits = torch.mm(h_c, weight.t())  # (n, V)
@@ -64,10 +63,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out if grad_h is not None else None
         gw = grad_w * grad_out if grad_w is not None else None
-        return gh, gw, None
+        return gh, gw, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight^T: h (..., C), weight (V, C), targets (...) -> scalar.
-    Float32 (the logits are formed in h's dtype; callers use it without autocast)."""
-    return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1))
+    Float32 (the logits are formed in h's dtype; callers use it without autocast). `rows` per chunk:
+    `chunk_rows` by default."""
+    rows = chunk_rows(h.shape[-1], weight.shape[0]) if rows is None else rows
+    return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), rows)
